@@ -1,0 +1,78 @@
+"""The `gramline` command: data tools and shortcuts to the stages.
+
+  gramline data synth --out DIR --n N --size S     procedural Dataset artifact (train + eval split)
+  gramline data digits --out DIR                   scikit-learn's handwritten digits as a Dataset
+  gramline <stage> ...                             same as `python -m gramline.stages.<stage> ...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
+
+STAGES = ("curate", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark")
+
+
+def _data_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gramline data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help="write a procedural shapes-world Dataset artifact")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--n", type=int, default=2000, help="number of train images")
+    synth.add_argument("--n-eval", type=int, default=None, help="held-out eval images (default n/4)")
+    synth.add_argument("--size", type=int, default=64, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-max-count", type=int, default=1000)
+    synth.add_argument("--shard-max-bytes", type=int, default=256 << 20)
+    digits = sub.add_parser("digits", help="scikit-learn's handwritten digits as a Dataset artifact")
+    digits.add_argument("--out", type=Path, required=True)
+    digits.add_argument("--size", type=int, default=32)
+    digits.add_argument("--eval-fraction", type=float, default=0.5)
+    digits.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        from gramline.data.synthetic import write_synthetic_dataset
+
+        n_eval = args.n_eval if args.n_eval is not None else max(1, args.n // 4)
+        manifest = write_synthetic_dataset(
+            args.out, n_train=args.n, n_eval=n_eval, size=args.size, seed=args.seed,
+            shard_max_count=args.shard_max_count, shard_max_bytes=args.shard_max_bytes,
+        )
+    else:
+        from gramline.data.digits import write_digits_dataset
+
+        manifest = write_digits_dataset(args.out, size=args.size, eval_fraction=args.eval_fraction, seed=args.seed)
+    print(f"dataset written to {args.out} ({manifest['splits']})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else BAD_INPUT_EXIT_CODE)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "data":
+            sys.exit(_data_main(rest))
+        if command in STAGES:
+            module = importlib.import_module(f"gramline.stages.{command}")
+            module.main_cli(rest)
+        if command in ("run", "rerun"):
+            importlib.import_module("gramline.local_run").main_cli(command, rest)
+    except InputError as err:
+        print(f"gramline {command}: error: {err}", file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT_CODE)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("gramline."):
+            print(f"gramline: '{command}' is not available in this build ({err.name} missing)", file=sys.stderr)
+            sys.exit(BAD_INPUT_EXIT_CODE)
+        raise
+    print(f"gramline: unknown command {command!r}; expected data, run, rerun or one of {', '.join(STAGES)}",
+          file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)

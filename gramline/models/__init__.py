@@ -1,0 +1,1 @@
+"""Backbones (timm DINOv3 ViTs with training additions), projection heads and presets."""

@@ -1,0 +1,1 @@
+"""Stage entry points: `python -m gramline.stages.<stage>` is each container's command."""
