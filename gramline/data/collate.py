@@ -1,0 +1,78 @@
+"""Batching of `CropSet`s into crop-major tensors plus the iBOT masks of the global crops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from gramline.config import MaskingConfig
+from gramline.data.augment import CropSet
+from gramline.data.masking import sample_batch_masks
+from gramline.errors import InputError
+
+
+@dataclass
+class CropBatch:
+    """Crop-major: rows [c*B:(c+1)*B] of each tensor are crop c of every image."""
+
+    global_crops: torch.Tensor  # [n_g*B, 3, G, G]
+    local_crops: torch.Tensor  # [n_l*B, 3, L, L]; shape [0, 3, 0, 0] when there are no local crops
+    gram_crops: torch.Tensor | None  # [n_g*B, 3, Gg, Gg]
+    masks: torch.Tensor  # [n_g*B, N] bool, True = masked patch of the student's global crop
+    batch_size: int
+
+    @property
+    def n_global(self) -> int:
+        return self.global_crops.shape[0] // self.batch_size
+
+    @property
+    def n_local(self) -> int:
+        return self.local_crops.shape[0] // self.batch_size
+
+    def _map(self, fn) -> CropBatch:  # type: ignore[no-untyped-def]
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CropBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> CropBatch:
+        """Called by DataLoader(pin_memory=True) on custom batch types."""
+        return self._map(lambda t: t.pin_memory())
+
+
+def _stack_crop_major(per_image: Sequence[Sequence[torch.Tensor]], name: str) -> torch.Tensor:
+    n_crops = len(per_image[0])
+    if any(len(crops) != n_crops for crops in per_image):
+        raise InputError(name, "differ in number between images", "the same number of crops for every image")
+    shapes = {tuple(t.shape) for crops in per_image for t in crops}
+    if len(shapes) > 1:
+        raise InputError(name, f"have different shapes {sorted(shapes)}", "one crop size per batch")
+    return torch.stack([crops[c] for c in range(n_crops) for crops in per_image])
+
+
+def collate_crops(items: Sequence[CropSet], patch_size: int, masking: MaskingConfig, seed: int) -> CropBatch:
+    """Stack a list of CropSets crop-major and sample the global crops' masks from `seed`."""
+    if not items:
+        raise InputError("batch", "is empty", "at least one CropSet")
+    batch_size = len(items)
+    global_crops = _stack_crop_major([it.global_crops for it in items], "global crops")
+    size = global_crops.shape[-1]
+    if patch_size <= 0 or size % patch_size:
+        raise InputError("patch_size", f"is {patch_size}", f"a positive divisor of the global crop size {size}")
+    if items[0].local_crops:
+        local_crops = _stack_crop_major([it.local_crops for it in items], "local crops")
+    else:
+        local_crops = torch.empty(0, 3, 0, 0)
+    gram_crops = None
+    if items[0].gram_crops is not None:
+        if any(it.gram_crops is None for it in items):
+            raise InputError("gram crops", "are missing for some images", "gram crops for all images or none")
+        gram_crops = _stack_crop_major([it.gram_crops for it in items], "gram crops")  # type: ignore[misc]
+    grid = (size // patch_size, size // patch_size)
+    masks = sample_batch_masks(global_crops.shape[0], grid, masking.sample_probability, masking.min_ratio,
+                               masking.max_ratio, rng=np.random.default_rng(seed))
+    return CropBatch(global_crops, local_crops, gram_crops, torch.from_numpy(masks), batch_size)
