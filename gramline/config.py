@@ -245,7 +245,7 @@ class EmaConfig(Strict):
 
 
 class DataConfig(Strict):
-    sampling: Literal["shuffle", "resample", "epoch"] = "shuffle"
+    sampling: Literal["shuffle", "resample"] = "shuffle"  # training streams never end
     shuffle_buffer: int = 512
     num_workers: int = 0
 
