@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence, TypedDict
 
 import timm
+from timm.layers import DropPath
 import torch
 from torch import Tensor, nn
 
@@ -42,11 +43,11 @@ def create_vit(arch: Arch, img_size: int, drop_path_rate: float = 0.0, uniform_d
         **arch.timm_kwargs(img_size),
     )
     if uniform_drop_path and drop_path_rate > 0:
+        # timm ramps the rate linearly over depth (block 0 gets none); the recipe uses one rate
         for block in vit.blocks:
             for name in ("drop_path1", "drop_path2"):
-                module = getattr(block, name, None)
-                if module is not None and hasattr(module, "drop_prob"):
-                    module.drop_prob = drop_path_rate
+                if hasattr(block, name):
+                    setattr(block, name, DropPath(drop_path_rate))
     return vit
 
 

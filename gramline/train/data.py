@@ -81,6 +81,9 @@ def batch_source(info: DatasetInfo, config: SSLConfig, env: DistEnv,
             collate_fn=CollateBatch(patch_size, config, seed, env.rank),
             pin_memory=env.device.type == "cuda", prefetch_factor=4 if workers else None,
             persistent_workers=False,
+            # its own generator: creating the loader must not draw from the global RNG, whose state
+            # a resumed run restores from the checkpoint (RoPE rescale and drop-path draw from it)
+            generator=torch.Generator().manual_seed(derive_seed(seed, env.rank, start_step)),
         )
         return iter(loader)
 

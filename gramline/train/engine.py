@@ -122,6 +122,9 @@ class SSLTrainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.last_log: dict[str, float] = {}
         self.extra_state: dict[str, Any] = {}
+        # keys of the step log shown in progress lines and metrics.jsonl (later phases add theirs)
+        self.log_keys: list[str] = ["total", "dino_local", "dino_global", "ibot", "koleo", "gram", "lr"]
+        self.section_times: dict[str, float] | None = None  # set to {} to time step sections (bench/)
 
     # ------------------------------------------------------------------ setup
 
@@ -151,6 +154,20 @@ class SSLTrainer:
         return nn.parallel.DistributedDataParallel(
             self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False)
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Accumulate wall time per step section when `section_times` is a dict (benchmarks only)."""
+        if self.section_times is None:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.section_times[name] = self.section_times.get(name, 0.0) + time.perf_counter() - start
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -189,14 +206,30 @@ class SSLTrainer:
         n_masked = torch.tensor([float(mask_index.numel())], device=self.device)
         n_masked_total = distributed.all_reduce_mean(n_masked) * self.env.world_size
 
-        with torch.no_grad(), self.autocast():
+        with self.section("teacher"), torch.no_grad(), self.autocast():
             t_out = self.teacher(batch.global_crops, None, None, mask_index)
-        teacher_dino = sinkhorn_knopp(t_out["dino_global"], values.teacher_temp, cfg.loss.sinkhorn_iters)
-        teacher_dino = teacher_dino.view(N_GLOBAL, bsz, -1)
+        with self.section("losses"):
+            teacher_dino = sinkhorn_knopp(t_out["dino_global"], values.teacher_temp, cfg.loss.sinkhorn_iters)
+            teacher_dino = teacher_dino.view(N_GLOBAL, bsz, -1)
 
-        with self.autocast():
+        gram_target = None
+        if self.gram_teacher is not None and batch.gram_crops is not None:
+            side = batch.global_crops.shape[-1] // self.student.backbone.patch_size
+            with self.section("gram_teacher"), torch.no_grad(), self.autocast():
+                gram_target = self.gram_teacher.patch_grid(batch.gram_crops, (side, side), cfg.gram.resize_antialias)
+
+        with self.section("student_forward"), self.autocast():
             s_out = self.forward_student(batch.global_crops, batch.local_crops, masks, mask_index)
 
+        with self.section("losses"):
+            return self._loss_terms(batch, values, s_out, t_out, teacher_dino, gram_target, n_masked_total, n_local)
+
+    def _loss_terms(self, batch: CropBatch, values: StepValues, s_out: dict, t_out: dict, teacher_dino: Tensor,
+                    gram_target: Tensor | None, n_masked_total: Tensor,
+                    n_local: int) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.config
+        bsz = batch.batch_size
+        masks = batch.masks
         terms: dict[str, Tensor] = {}
         temp = cfg.loss.student_temp
         if n_local:
@@ -212,11 +245,8 @@ class SSLTrainer:
         cls = s_out["global_cls"].float().view(N_GLOBAL, bsz, -1)
         koleo_fn = self._koleo_fn()
         terms["koleo"] = torch.stack([koleo_fn(cls[i]) for i in range(N_GLOBAL)])
-        if self.gram_teacher is not None and batch.gram_crops is not None:
-            side = batch.global_crops.shape[-1] // self.student.backbone.patch_size
-            with torch.no_grad(), self.autocast():
-                target = self.gram_teacher.patch_grid(batch.gram_crops, (side, side), cfg.gram.resize_antialias)
-            terms["gram"] = gram_loss(s_out["global_patches"].float(), target.float(), cfg.gram.normalize,
+        if gram_target is not None:
+            terms["gram"] = gram_loss(s_out["global_patches"].float(), gram_target.float(), cfg.gram.normalize,
                                       cfg.gram.img_level, cfg.gram.remove_neg, cfg.gram.remove_only_teacher_neg)
         weights_now = LossWeights(dino=cfg.loss.dino_weight, local=values.local_weight, koleo=cfg.loss.koleo_weight,
                                   ibot=cfg.loss.ibot_weight, gram=values.gram_weight, n_global=N_GLOBAL,
@@ -254,12 +284,15 @@ class SSLTrainer:
                                        f"(last at step {self.step}); lower optim.lr or check the data")
             return None
         self.nan_streak = 0
-        loss.backward()
-        self.clip_gradients()
-        self.optimizer.step()
-        update_ema(self.teacher, self.student, values.momentum)
+        with self.section("backward"):
+            loss.backward()
+        with self.section("optimizer"):
+            self.clip_gradients()
+            self.optimizer.step()
+            update_ema(self.teacher, self.student, values.momentum)
         return {**log, "lr": values.lr, "wd": values.wd, "momentum": values.momentum,
-                "teacher_temp": values.teacher_temp, "gram_weight": values.gram_weight}
+                "teacher_temp": values.teacher_temp, "gram_weight": values.gram_weight,
+                "local_weight": values.local_weight}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -285,8 +318,10 @@ class SSLTrainer:
         return save_checkpoint(self.state_dir, self.step, state if self.env.is_main else None, self.rank_state(),
                                self.env.rank, self.config.train.keep_checkpoints)
 
-    def try_resume(self) -> bool:
-        path = latest_checkpoint(self.state_dir)
+    def try_resume(self, state_dir: Path | None = None) -> bool:
+        """Load the latest complete checkpoint of `state_dir` (default: this run's own); a later
+        phase passes the state directory of the run it continues."""
+        path = latest_checkpoint(state_dir or self.state_dir)
         if path is None:
             return False
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
@@ -338,8 +373,7 @@ class SSLTrainer:
             for hook in self.hooks.after_step:
                 hook(self, self.step)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                shown = {k: self.last_log[k] for k in ("total", "dino_local", "dino_global", "ibot", "koleo", "gram",
-                                                       "lr") if k in self.last_log}
+                shown = {k: self.last_log[k] for k in self.log_keys if k in self.last_log}
                 progress.emit(self.step, shown)
             if cfg.teacher_checkpoint_every and self.step % cfg.teacher_checkpoint_every == 0 and on_teacher_checkpoint:
                 on_teacher_checkpoint(self.step)

@@ -1,0 +1,181 @@
+"""The pretrain stage: exact resume, bad inputs (exit 2, nothing half-written), torchrun, NaN abort."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gramline.config import load_ssl_config
+from gramline.data.collate import CropBatch
+from gramline.data.shards import open_dataset
+from gramline.data.synthetic import write_synthetic_dataset
+from gramline.stages import pretrain
+from gramline.train.data import batch_source
+from gramline.train.distributed import DistEnv
+from gramline.train.engine import SSLTrainer, TrainingDiverged
+
+QUICK = ["train.batch_size=8", "train.log_every=2", "heads.dino_prototypes=64", "heads.ibot_prototypes=64",
+         "heads.dino_hidden=64", "heads.ibot_hidden=64", "crops.n_local=2"]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synth"
+    write_synthetic_dataset(out, n_train=96, n_eval=16, size=64, seed=3, shard_max_count=24)
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gramline.stages.pretrain", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(small_dataset: Path, tmp_path: Path) -> None:
+    steps = ["train.steps=8", "train.checkpoint_every=3", "train.teacher_checkpoint_every=4"]
+    clean = tmp_path / "clean"
+    assert pretrain.main(["--dataset", str(small_dataset), "--out-model", str(clean),
+                          *sum((["--set", o] for o in QUICK + steps), [])]) == 0
+
+    resumed = tmp_path / "resumed"
+    argv = ["--dataset", str(small_dataset), "--out-model", str(resumed), *sum((["--set", o] for o in QUICK + steps), [])]
+    original_fit = SSLTrainer.fit
+
+    def crashing_fit(self: SSLTrainer, *a, **k):  # type: ignore[no-untyped-def]
+        def crash(trainer: SSLTrainer, step: int) -> None:
+            if step == 5:  # after the step-3 checkpoint, before the step-6 one
+                raise Interrupt
+        self.hooks.after_step.append(crash)
+        return original_fit(self, *a, **k)
+
+    SSLTrainer.fit = crashing_fit  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Interrupt):
+            pretrain.main(argv)
+    finally:
+        SSLTrainer.fit = original_fit  # type: ignore[method-assign]
+    assert not (resumed / "manifest.json").exists()  # no final artifact from a killed run
+    assert sorted(p.name for p in (resumed / "state").iterdir()) == ["step-00000003"]
+
+    assert pretrain.main(argv) == 0
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["step"] == 8 and manifest["resumed"] is True
+    for name in ("backbone.safetensors", "heads.safetensors"):
+        a, b = load_file(str(clean / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    # the logged curve is the same too (timings aside)
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k in ("step", "total", "ibot", "koleo")}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(clean / "metrics.jsonl") == strip(resumed / "metrics.jsonl")
+    # periodic teacher checkpoints for the anchor stage are complete Model artifacts
+    assert (clean / "checkpoints" / "teacher-00000004" / "backbone.safetensors").is_file()
+    assert json.loads((clean / "checkpoints" / "teacher-00000004" / "manifest.json").read_text())["kind"] == "Model"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "train.stepz=3"], "train.stepz"),
+        (["--set", "train.steps=many"], "train.steps"),
+        (["--set", "crops.global_size=44"], "patch size"),
+        (["--set", "crops.n_local=99"], "crops.n_local"),
+        (["--set", "crops.local_size=64"], "crops.local_size"),
+        (["--preset", "huge"], "preset"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_field(small_dataset: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "model"
+    result = run_cli("--dataset", str(small_dataset), "--out-model", str(out), *args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_missing_or_empty_dataset_exits_2(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = run_cli("--dataset", str(tmp_path / "nope"), "--out-model", str(out))
+    assert result.returncode == 2 and "nope" in result.stderr and "does not exist" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("--dataset", str(empty), "--out-model", str(out))
+    assert result.returncode == 2 and "manifest.json" in result.stderr
+    assert not out.exists()
+
+
+def test_dataset_without_train_split_exits_2(tmp_path: Path) -> None:
+    from gramline.data.shards import DatasetWriter, ShardSample
+    from gramline.data.synthetic import encode_png, render_sample
+
+    data = tmp_path / "evalonly"
+    with DatasetWriter(data, stage="test") as writer:
+        sample = render_sample(0, 0, 32)
+        writer.add("eval", ShardSample(key="s0", image=encode_png(sample.image), image_ext="png", label=sample.label))
+        writer.close(classes=["a"])
+    result = run_cli("--dataset", str(data), "--out-model", str(tmp_path / "m"))
+    assert result.returncode == 2 and "train" in result.stderr
+
+
+def test_resume_with_other_architecture_is_refused(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    sets = sum((["--set", o] for o in QUICK + ["train.steps=2"]), [])
+    assert run_cli("--dataset", str(small_dataset), "--out-model", str(out), *sets).returncode == 0
+    result = run_cli("--dataset", str(small_dataset), "--out-model", str(out), *sets, "--set", "heads.dino_prototypes=32")
+    assert result.returncode == 2 and "different heads config" in result.stderr
+
+
+def test_executor_output_carries_uri_and_metrics(small_dataset: Path, tmp_path: Path) -> None:
+    out, executor = tmp_path / "model", tmp_path / "kfp" / "executor_output.json"
+    sets = sum((["--set", o] for o in QUICK + ["train.steps=2"]), [])
+    result = run_cli("--dataset", str(small_dataset), "--out-model", str(out), *sets,
+                     "--executor-output", str(executor), "--output-uri", "model=s3://bucket/run/model")
+    assert result.returncode == 0, result.stderr
+    entry = json.loads(executor.read_text())["artifacts"]["model"]["artifacts"][0]
+    assert entry["uri"] == "s3://bucket/run/model" and entry["name"] == "model"
+    assert entry["metadata"]["step"] == 2 and "final_total" in entry["metadata"]
+
+
+def test_repeated_nan_losses_abort(small_dataset: Path, tmp_path: Path) -> None:
+    config = load_ssl_config("tiny", overrides=QUICK + ["train.steps=10", "train.max_nan_steps=2"])
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    batch = next(batch_source(open_dataset(small_dataset), config, env)(0))
+    poisoned = CropBatch(batch.global_crops * float("nan"), batch.local_crops, None, batch.masks, batch.batch_size)
+    trainer = SSLTrainer(config, tmp_path, lambda step: iter(()), env, log=False)
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    assert trainer.train_step(poisoned) is None and trainer.train_step(poisoned) is None  # skipped, not applied
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        trainer.train_step(poisoned)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_on_cpu(small_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    sets = sum((["--set", o] for o in QUICK + ["train.steps=4", "train.checkpoint_every=2"]), [])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", "0", "-m", "gramline.stages.pretrain", "--dataset", str(small_dataset), "--out-model",
+         str(out), *sets],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == 4
+    state = out / "state" / "step-00000004"
+    assert (state / "rank-0.pt").is_file() and (state / "rank-1.pt").is_file()
+    # global batch = 2 ranks x 8: the sqrt LR scaling used 16
+    lr = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    config = load_ssl_config("tiny", overrides=QUICK)
+    expected = config.optim.lr.at(4 - 1, 4) * 4 * (16 / 1024) ** 0.5
+    assert lr[-1] == pytest.approx(expected)
