@@ -191,6 +191,9 @@ class HeadsConfig(Strict):
     ibot_bottleneck: int = 256
     ibot_prototypes: int = 65536
     nlayers: int = 3
+    # the recipe's trunc-normal std (0.02); a larger one gives the un-normalised prototype layer
+    # (no weight norm in DINOv3) a usable logit scale from step 0, which short runs need
+    last_layer_init_std: float = 0.02
 
 
 class CropsConfig(Strict):

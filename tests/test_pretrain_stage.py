@@ -117,13 +117,13 @@ def test_missing_or_empty_dataset_exits_2(tmp_path: Path) -> None:
 
 def test_dataset_without_train_split_exits_2(tmp_path: Path) -> None:
     from gramline.data.shards import DatasetWriter, ShardSample
-    from gramline.data.synthetic import encode_png, render_sample
+    from gramline.data.synthetic import CLASSES, encode_png, render_sample
 
     data = tmp_path / "evalonly"
     with DatasetWriter(data, stage="test") as writer:
         sample = render_sample(0, 0, 32)
         writer.add("eval", ShardSample(key="s0", image=encode_png(sample.image), image_ext="png", label=sample.label))
-        writer.close(classes=["a"])
+        writer.close(classes=list(CLASSES))
     result = run_cli("--dataset", str(data), "--out-model", str(tmp_path / "m"))
     assert result.returncode == 2 and "train" in result.stderr
 

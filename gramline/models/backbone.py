@@ -34,12 +34,15 @@ def timm_spec(config: BackboneConfig) -> tuple[str, dict]:
 
 
 def create_vit(arch: Arch, img_size: int, drop_path_rate: float = 0.0, uniform_drop_path: bool = True,
-               rope_rescale_coords: float | None = None) -> nn.Module:
+               rope_rescale_coords: float | None = None, layerscale_init: float = 1e-5) -> nn.Module:
+    """The timm model; drop-path, RoPE rescale and LayerScale init change training only, not the
+    key layout, so `timm_spec` alone rebuilds it for inference."""
     vit = timm.create_model(
         arch.timm_name,
         pretrained=False,
         drop_path_rate=drop_path_rate,
         rope_rescale_coords=rope_rescale_coords,
+        init_values=layerscale_init,
         **arch.timm_kwargs(img_size),
     )
     if uniform_drop_path and drop_path_rate > 0:
@@ -56,7 +59,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.arch = ARCHS[config.arch]
         self.vit = create_vit(self.arch, config.img_size, config.drop_path_rate, config.drop_path_uniform,
-                              config.rope_rescale_coords)
+                              config.rope_rescale_coords, config.layerscale_init)
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size: int = self.arch.patch_size
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens

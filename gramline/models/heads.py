@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 
 class DinoHead(nn.Module):
-    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, num_prototypes: int, nlayers: int = 3):
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, num_prototypes: int, nlayers: int = 3,
+                 last_layer_init_std: float = 0.02):
         super().__init__()
         if nlayers < 1:
             raise ValueError("nlayers must be >= 1")
@@ -21,6 +22,7 @@ class DinoHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.last_layer = nn.Linear(bottleneck_dim, num_prototypes, bias=False)
         self.apply(self._init)
+        nn.init.trunc_normal_(self.last_layer.weight, std=last_layer_init_std)
 
     @staticmethod
     def _init(module: nn.Module) -> None:

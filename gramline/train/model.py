@@ -30,8 +30,10 @@ class SSLModel(nn.Module):
         self.backbone = Backbone(config.backbone)
         dim = self.backbone.embed_dim
         heads = config.heads
-        self.dino_head = DinoHead(dim, heads.dino_hidden, heads.dino_bottleneck, heads.dino_prototypes, heads.nlayers)
-        self.ibot_head = DinoHead(dim, heads.ibot_hidden, heads.ibot_bottleneck, heads.ibot_prototypes, heads.nlayers)
+        self.dino_head = DinoHead(dim, heads.dino_hidden, heads.dino_bottleneck, heads.dino_prototypes, heads.nlayers,
+                                  heads.last_layer_init_std)
+        self.ibot_head = DinoHead(dim, heads.ibot_hidden, heads.ibot_bottleneck, heads.ibot_prototypes, heads.nlayers,
+                                  heads.last_layer_init_std)
 
     def heads(self) -> dict[str, nn.Module]:
         return {"dino_head": self.dino_head, "ibot_head": self.ibot_head}
