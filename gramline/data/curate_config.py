@@ -1,0 +1,182 @@
+"""The curate stage's config (`CurateConfig`) and its presets: `tiny` (default, CPU/CI) and `large`.
+
+Resolved like every stage config: preset ← `--config FILE` ← `--set key=value`
+(gramline.config.resolve_config). Thresholds and sizes are explained in reference data.md §1-2, §5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from gramline.config import Strict, resolve_config
+from gramline.data.ingest import DEFAULT_PATH_COLUMNS
+from gramline.errors import InputError
+
+
+class IngestConfig(Strict):
+    folder_labels: bool = False       # label = first sub-directory under a folder or S3 prefix
+    path_columns: list[str] = Field(default_factory=lambda: list(DEFAULT_PATH_COLUMNS))  # tried in order
+    label_column: str = "label"
+    caption_column: str = "caption"
+    workers: int = 0                  # load+validate threads; 0 = one per CPU core
+    chunk_size: int = 1024            # items per resumable work chunk
+
+
+class ImagesConfig(Strict):
+    """Validation of every image (gramline.data.validate)."""
+
+    min_side: int = 32
+    max_pixels: int = 50_000_000      # decompression-bomb guard (Pillow's own limit is ~89M/179M)
+    max_side: int | None = None       # downscale larger images to this longer side (None = keep)
+    jpeg_quality: int = 95            # when a JPEG input must be re-encoded (rotation, CMYK, resize)
+    background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited on this
+
+
+class DedupConfig(Strict):
+    exact: bool = True                # identical decoded pixels
+    near: bool = True
+    threshold: float = 0.91           # cosine of the copy descriptor (see gramline.data.dedup)
+    decontam_threshold: float = 0.88  # looser, for train-vs-eval (DINOv2 also loosens it)
+    view_grid: int = 3                # grid x grid sub-views per image for crop robustness
+    view_scale: float = 0.9
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    ivf_min_size: int = 20_000        # images from which "auto" searches with faiss IVF (exact below)
+    nprobe: int = 16
+
+
+class EmbedConfig(Strict):
+    """`backbone`: "layout" (colour layout on an 8x8 grid; no network, works offline), "timm:<name>"
+    (with `weights` a local file, or `pretrained` to let timm download), or "model:<dir>" (a
+    gramline Model artifact)."""
+
+    backbone: str = "layout"
+    weights: str | None = None
+    pretrained: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    img_size: int = 224
+    batch_size: int = 64
+    threads: int = 0                  # torch threads; 0 = torch's default
+
+
+class ClusterConfig(Strict):
+    levels: list[int] = Field(default_factory=list)  # counts lowest→highest; [] = auto from below
+    points_per_leaf: int = 20         # auto: level 1 gets n / points_per_leaf clusters
+    branching: int = 5                # auto: each level above has 1/branching as many
+    n_levels: int = 2
+    n_iter: int = 20
+    n_init: int = 3                   # k-means runs per fit, the lowest inertia wins
+    resampling_steps: list[int] = Field(default_factory=lambda: [1, 5])  # per level (1 = plain); or one value
+    sample_sizes: list[int] = Field(default_factory=list)  # per level; [] = half the mean cluster size
+    resample_strategy: Literal["closest", "random"] = "closest"
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+
+
+class BalanceConfig(Strict):
+    target: float = 0.8               # <= 1: fraction of the train pool; > 1: number of images
+    strategy: Literal["random", "closest"] = "random"
+
+
+class SplitConfig(Strict):
+    eval_fraction: float = 0.1
+    eval_max: int | None = None
+    stratify: bool = True             # by label, when the collection has labels
+
+
+class OutputConfig(Strict):
+    shards_uri: str | None = None     # s3://bucket/prefix: shards go there, the artifact keeps index+manifest
+    max_count: int = 1000
+    max_bytes: int = 256 << 20
+    report_clusters: int = 8          # thumbnail grids in report.html
+    report_thumbs: int = 12
+    keep_work: bool = False           # keep the work directory after success (debugging)
+
+
+class CurateConfig(Strict):
+    preset: str = "custom"
+    seed: int = 0
+    ingest: IngestConfig = IngestConfig()
+    images: ImagesConfig = ImagesConfig()
+    dedup: DedupConfig = DedupConfig()
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    balance: BalanceConfig = BalanceConfig()
+    split: SplitConfig = SplitConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CurateConfig:
+        if not 0.0 <= self.split.eval_fraction < 1.0:
+            raise ValueError(f"split.eval_fraction={self.split.eval_fraction} must be in [0, 1)")
+        if self.balance.target <= 0:
+            raise ValueError(f"balance.target={self.balance.target} must be > 0 (a fraction <= 1 or a count)")
+        for name in ("threshold", "decontam_threshold"):
+            value = getattr(self.dedup, name)
+            if not -1.0 <= value <= 1.0:
+                raise ValueError(f"dedup.{name}={value} is a cosine and must be in [-1, 1]")
+        if self.dedup.view_grid < 0 or not 0.5 <= self.dedup.view_scale <= 1.0:
+            raise ValueError("dedup.view_grid must be >= 0 and dedup.view_scale in [0.5, 1]")
+        v = self.images
+        if v.min_side < 1 or v.max_pixels < 1 or (v.max_side is not None and v.max_side < v.min_side):
+            raise ValueError("images needs min_side >= 1, max_pixels >= 1 and max_side >= min_side")
+        if not 1 <= v.jpeg_quality <= 100:
+            raise ValueError(f"images.jpeg_quality={v.jpeg_quality} must be in [1, 100]")
+        c = self.cluster
+        if min(c.n_levels, c.points_per_leaf, c.branching, c.n_iter, c.n_init) < 1:
+            raise ValueError("cluster needs n_levels, points_per_leaf, branching, n_iter and n_init >= 1")
+        n_levels = len(c.levels) or c.n_levels
+        if any(k < 1 for k in c.levels):
+            raise ValueError(f"cluster.levels={c.levels} must all be >= 1")
+        if len(c.resampling_steps) not in (1, n_levels) or any(s < 1 for s in c.resampling_steps):
+            raise ValueError(f"cluster.resampling_steps={c.resampling_steps} needs one value >= 1 or one per "
+                             f"level ({n_levels})")
+        if c.sample_sizes and len(c.sample_sizes) != n_levels:
+            raise ValueError(f"cluster.sample_sizes={c.sample_sizes} needs one value per level ({n_levels})")
+        if self.ingest.chunk_size < 1 or self.ingest.workers < 0:
+            raise ValueError("ingest.chunk_size must be >= 1 and ingest.workers >= 0")
+        b = self.embed.backbone
+        if not (b == "layout" or b.startswith(("timm:", "model:"))):
+            raise ValueError(f"embed.backbone={b!r} must be 'layout', 'timm:<name>' or 'model:<dir>'")
+        uri = self.output.shards_uri
+        if uri is not None and not (uri.startswith("s3://") and len(uri) > len("s3://")):
+            raise ValueError(f"output.shards_uri={uri!r} must be an s3://bucket/prefix URI")
+        return self
+
+
+CURATE_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU/CI: small chunks, colour-layout embeddings, a two-level tree.
+    "tiny": {
+        "ingest": {"chunk_size": 256},
+        "images": {"min_side": 16},
+        "cluster": {"points_per_leaf": 20, "branching": 5, "n_levels": 2, "n_iter": 20, "n_init": 3,
+                    "resampling_steps": [1, 5]},
+        "balance": {"target": 0.8},
+        "split": {"eval_fraction": 0.1},
+        "output": {"max_count": 1000, "max_bytes": 256 << 20},
+    },
+    # Millions of web images on a GPU node: DINOv3 ViT-S/16 embeddings (downloaded by timm, or a
+    # local file via embed.weights), a 4-level tree in the shape of Vo et al.'s web config
+    # (reference data.md §1.2: 1 / 10 / 10 / 10 resampling steps), half the pool kept, ~1 GB shards.
+    "large": {
+        "ingest": {"chunk_size": 4096},
+        "images": {"min_side": 64, "max_side": 1024},
+        "dedup": {"ivf_min_size": 20_000, "nprobe": 16},
+        "embed": {"backbone": "timm:vit_small_patch16_dinov3", "pretrained": True, "img_size": 224,
+                  "batch_size": 256},
+        "cluster": {"points_per_leaf": 50, "branching": 10, "n_levels": 4, "n_iter": 50, "n_init": 1,
+                    "resampling_steps": [1, 10, 10, 10]},
+        "balance": {"target": 0.5},
+        "split": {"eval_fraction": 0.01, "eval_max": 50_000},
+        "output": {"max_count": 10_000, "max_bytes": 1 << 30},
+    },
+}
+
+
+def load_curate_config(preset: str, config_file: Path | str | None = None,
+                       overrides: Sequence[str] = ()) -> CurateConfig:
+    if preset not in CURATE_PRESETS:
+        raise InputError("--preset", f"{preset!r} is unknown", "one of " + ", ".join(sorted(CURATE_PRESETS)))
+    return resolve_config(CurateConfig, {"preset": preset, **CURATE_PRESETS[preset]}, config_file, overrides)

@@ -1,0 +1,154 @@
+"""Curation embeddings (the space hierarchical k-means clusters in), from a configurable backbone.
+
+- "layout": a colour layout (YCbCr means on an 8x8 grid, in [-1, 1]; like MPEG-7's Colour Layout
+  descriptor). No network, works offline, computed during ingest. It groups images by colour and
+  composition, not by meaning; use it for CI and when no trained backbone is at hand. (The
+  copy-detection descriptor of gramline.data.dedup is deliberately blind to global colour, so it
+  is no clustering space.)
+- "timm:<name>": a timm model, with a local weights file (`weights`) or timm's own download
+  (`pretrained: true`; not possible offline), built with `kwargs`.
+- "model:<dir>": the backbone of a gramline Model artifact (e.g. an earlier pretrain run).
+
+Network embeddings: shorter side resized to `img_size`, centre crop, the model's normalisation,
+pooled features, L2-normalised. Batched, with progress lines.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gramline.errors import InputError
+
+ProgressFn = Callable[[int], None]
+
+
+class Embedder:
+    """Turns encoded images into L2-normalised float32 vectors."""
+
+    dim: int
+    name: str
+    needs_pixels: bool = True
+
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        raise NotImplementedError
+
+
+LAYOUT_CELLS = 8
+LAYOUT_DIM = 3 * LAYOUT_CELLS**2
+
+
+def colour_layout(image: Image.Image) -> np.ndarray:
+    """[192] float32: YCbCr means on an 8x8 grid, scaled to [-1, 1]."""
+    thumb = image.convert("RGB").resize((LAYOUT_CELLS, LAYOUT_CELLS), Image.Resampling.BOX, reducing_gap=2.0)
+    return ((np.asarray(thumb.convert("YCbCr"), dtype=np.float32) - 128.0) / 128.0).ravel()
+
+
+class LayoutEmbedder(Embedder):
+    """Colour layout; the stage uses the vectors stored at ingest instead of decoding again."""
+
+    name = "layout"
+    needs_pixels = False
+    dim = LAYOUT_DIM
+
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        out = [colour_layout(_decode(data)) for data in images]
+        return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+class TorchEmbedder(Embedder):
+    def __init__(self, model: Any, name: str, img_size: int, batch_size: int, threads: int = 0) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model.eval()
+        self.name, self.img_size, self.batch_size = name, img_size, batch_size
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            probe = self._forward(torch.zeros(1, 3, img_size, img_size))
+        self.dim = int(probe.shape[-1])
+
+    def _forward(self, x: Any) -> Any:
+        out = self.model(x)
+        if isinstance(out, dict):  # gramline Backbone-style outputs
+            out = out.get("cls", next(iter(out.values())))
+        if out.ndim == 3:  # unpooled tokens: take the class token
+            out = out[:, 0]
+        return out
+
+    def _prepare(self, data: bytes) -> np.ndarray:
+        image = _decode(data)
+        scale = self.img_size / min(image.size)
+        w, h = max(self.img_size, round(image.width * scale)), max(self.img_size, round(image.height * scale))
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
+        left, top = (w - self.img_size) // 2, (h - self.img_size) // 2
+        image = image.crop((left, top, left + self.img_size, top + self.img_size))
+        return np.asarray(image, dtype=np.uint8)
+
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        import torch
+
+        outs = []
+        for start in range(0, len(images), self.batch_size):
+            batch = np.stack([self._prepare(d) for d in images[start:start + self.batch_size]])
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+            x = (x - self.mean) / self.std
+            with torch.inference_mode():
+                feats = self._forward(x).float()
+            outs.append(torch.nn.functional.normalize(feats, dim=-1).numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+
+
+def _decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def build_embedder(backbone: str, weights: str | None = None, pretrained: bool = False,
+                   kwargs: dict[str, Any] | None = None, img_size: int = 224, batch_size: int = 64,
+                   threads: int = 0) -> Embedder:
+    """The embedder `embed.backbone` names; a model that cannot be built is an InputError."""
+    if backbone == "layout":
+        return LayoutEmbedder()
+    if backbone.startswith("model:"):
+        from gramline.models.io import load_backbone
+
+        model, _manifest = load_backbone(Path(backbone[len("model:"):]), flag="embed.backbone")
+        return TorchEmbedder(model, backbone, img_size, batch_size, threads)
+    if backbone.startswith("timm:"):
+        name = backbone[len("timm:"):]
+        extra = dict(kwargs or {})
+        if pretrained and weights is None:
+            import timm
+
+            try:
+                model = timm.create_model(name, pretrained=True, **{"num_classes": 0, **extra})
+            except Exception as err:  # hub errors come in many types
+                raise InputError(f"embed.backbone {backbone!r}",
+                                 f"pretrained weights could not be loaded ({type(err).__name__}: {err})",
+                                 "network access to the model hub, or a local file in embed.weights") from err
+        else:
+            from gramline.models.io import load_timm_backbone
+
+            model = load_timm_backbone(name, weights, **extra)
+        return TorchEmbedder(model, backbone, img_size, batch_size, threads)
+    raise InputError(f"embed.backbone {backbone!r}", "is not a known kind", "layout, timm:<name> or model:<dir>")
+
+
+def embed_stream(embedder: Embedder, batches: Iterable[Sequence[bytes]], progress: ProgressFn | None = None) -> np.ndarray:
+    """Embed an iterable of image batches, reporting the running count."""
+    outs, done = [], 0
+    for batch in batches:
+        outs.append(embedder.embed(batch))
+        done += len(batch)
+        if progress is not None:
+            progress(done)
+    return np.concatenate(outs) if outs else np.zeros((0, embedder.dim), np.float32)
