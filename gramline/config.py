@@ -58,7 +58,11 @@ def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, full: str) -
             where = ".".join(parts[: depth + 1])
             raise InputError(f"config key {full!r}", f"{where!r} is a value, not a section", "a valid key")
         node = child
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = deep_merge(node[last], value)  # a mapping value updates the section, key by key
+    else:
+        node[last] = value
 
 
 def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

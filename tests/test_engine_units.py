@@ -160,3 +160,21 @@ def test_exported_backbone_loads_in_plain_timm_bit_exact(tmp_path: Path) -> None
             tokens = other.forward_features(images)
             assert torch.equal(tokens[:, 0], ours["cls"])
             assert torch.equal(tokens[:, other.num_prefix_tokens:], ours["patches"])
+
+
+def test_mapping_override_updates_only_the_given_keys() -> None:
+    config = load_ssl_config("tiny", overrides=['optim.lr={"peak": 0.005}'])
+    tiny = load_ssl_config("tiny")
+    assert config.optim.lr.peak == 0.005
+    assert config.optim.lr.warmup_steps == tiny.optim.lr.warmup_steps and config.optim.lr.end == tiny.optim.lr.end
+
+
+def test_json_overrides_flag_feeds_the_same_machinery() -> None:
+    from gramline.errors import InputError
+    from gramline.stages.common import stage_parser
+
+    args = stage_parser("x", "y").parse_args(["--overrides", '{"train.steps": 3, "optim.lr": 1e-3}', "--set", "train.steps=4"])
+    config = load_ssl_config("tiny", overrides=args.overrides)
+    assert config.train.steps == 4 and config.optim.lr.peak == 1e-3  # --set wins over --overrides
+    with pytest.raises(InputError, match="--overrides"):
+        stage_parser("x", "y").parse_args(["--overrides", "[1, 2]"])

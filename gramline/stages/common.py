@@ -4,6 +4,8 @@ Flags common to all stages:
   --preset NAME          named preset (default: tiny)
   --config FILE          YAML config merged over the preset
   --set key=value        dotted override, repeatable
+  --overrides JSON       a JSON object of dotted overrides (what KFP components pass); applied
+                         before the --set ones
   --executor-output FILE where KFP wants the ExecutorOutput JSON ({{$.outputs.output_file}})
   --output-uri NAME=URI  the KFP URI of output artifact NAME (its `.uri` placeholder), repeatable
 """
@@ -11,6 +13,7 @@ Flags common to all stages:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence
@@ -27,6 +30,23 @@ class StageArgumentParser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_CODE)
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "overrides_json", None) is not None:
+            parsed.overrides = json_overrides(parsed.overrides_json) + list(parsed.overrides)
+        return parsed
+
+
+def json_overrides(text: str) -> list[str]:
+    """`{"train.steps": 10, "optim.lr": {"peak": 1e-3}}` → ["train.steps=10", "optim.lr={...}"]."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except ValueError as err:
+        raise InputError("--overrides", f"is not valid JSON ({err})", 'a JSON object such as {"train.steps": 10}') from None
+    if not isinstance(value, dict):
+        raise InputError("--overrides", f"is a JSON {type(value).__name__}", 'a JSON object such as {"train.steps": 10}')
+    return [f"{key}={json.dumps(item)}" for key, item in value.items()]
+
 
 def stage_parser(stage: str, description: str) -> StageArgumentParser:
     parser = StageArgumentParser(prog=f"python -m gramline.stages.{stage}", description=description)
@@ -34,6 +54,8 @@ def stage_parser(stage: str, description: str) -> StageArgumentParser:
     parser.add_argument("--config", type=Path, default=None, help="YAML config merged over the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override, repeatable (e.g. --set train.steps=100)")
+    parser.add_argument("--overrides", dest="overrides_json", default=None, metavar="JSON",
+                        help='JSON object of dotted overrides, e.g. {"train.steps": 100}')
     parser.add_argument("--executor-output", type=Path, default=None,
                         help="path for the KFP ExecutorOutput JSON ({{$.outputs.output_file}})")
     parser.add_argument("--output-uri", action="append", default=[], metavar="NAME=URI",
