@@ -7,9 +7,10 @@ chain). Every check of an input names the flag and file at fault (InputError, ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from gramline.data.augment import MultiCropAugment
 from gramline.errors import InputError
 from gramline.models.backbone import Backbone
 from gramline.models.io import BACKBONE_FILE, HEADS_FILE
+from gramline.models.presets import ARCHS
 from gramline.phase_presets import HighresStageConfig
 from gramline.train.checkpoint import STEP_DIR, latest_checkpoint
 from gramline.train.engine import GramTeacher, SSLTrainer
@@ -50,8 +52,6 @@ def _check_arch(manifest: Mapping[str, Any], config: SSLConfig, flag: str, model
     arch = manifest.get("arch")
     spec = (manifest.get("timm") or {}).get("kwargs", {})
     want = config.backbone.arch
-    from gramline.models.presets import ARCHS
-
     expected = ARCHS[want]
     same = arch == want if arch is not None else (
         spec.get("embed_dim") == expected.embed_dim and spec.get("depth") == expected.depth
@@ -89,16 +89,23 @@ def load_gram_backbone(model_dir: Path, config: SSLConfig, flag: str = "--anchor
     return backbone.eval()
 
 
-def ssl_state_from_model(model_dir: Path, config: SSLConfig, flag: str = "--model") -> dict[str, Tensor]:
-    """SSLModel weights (backbone + mask token + DINO/iBOT heads) from a Model artifact's teacher."""
+def require_teacher_with_heads(model_dir: Path, flag: str = "--model") -> dict[str, Any]:
+    """The manifest of a Model that carries a whole SSL teacher (backbone and heads)."""
     model_dir = Path(model_dir)
     manifest = model_manifest(model_dir, flag)
-    _check_arch(manifest, config, flag, model_dir)
-    heads_file = model_dir / HEADS_FILE
-    if not (model_dir / BACKBONE_FILE).is_file() or not heads_file.is_file():
+    if not (model_dir / BACKBONE_FILE).is_file() or not (model_dir / HEADS_FILE).is_file():
         raise InputError(f"{flag} {model_dir}", f"lacks {BACKBONE_FILE} or {HEADS_FILE}",
                          "a Model from an SSL training stage (gram or pretrain), which carries its heads; an anchor "
                          "artifact has the backbone only")
+    return manifest
+
+
+def ssl_state_from_model(model_dir: Path, config: SSLConfig, flag: str = "--model") -> dict[str, Tensor]:
+    """SSLModel weights (backbone + mask token + DINO/iBOT heads) from a Model artifact's teacher."""
+    model_dir = Path(model_dir)
+    manifest = require_teacher_with_heads(model_dir, flag)
+    _check_arch(manifest, config, flag, model_dir)
+    heads_file = model_dir / HEADS_FILE
     state = {f"backbone.vit.{k}": v for k, v in load_file(str(model_dir / BACKBONE_FILE)).items()}
     for key, value in load_file(str(heads_file)).items():
         state["backbone.mask_token" if key == "mask_token" else key] = value
@@ -139,7 +146,6 @@ class GramRefresh:
     checkpointed `extra_state["gram_refreshes"]`."""
 
     steps: frozenset[int]
-    done: list[int] = field(default_factory=list)
 
     def __call__(self, trainer: SSLTrainer, step: int) -> None:
         if step not in self.steps:
@@ -155,7 +161,6 @@ class GramRefresh:
             trainer.gram_teacher.backbone.load_state_dict(state, strict=True)
         refreshes = trainer.extra_state.setdefault("gram_refreshes", [])
         refreshes.append(step)
-        self.done.append(step)
         if trainer.log_enabled:
             print(f"[{trainer.stage}] step {step}: Gram teacher refreshed from the EMA teacher "
                   f"(refresh {len(refreshes)})", flush=True)

@@ -1,0 +1,68 @@
+"""A tiny pretrain run shared by the anchor, gram and highres tests (made once per test session).
+
+Each of those test modules has a session-scoped fixture that calls `tiny_run(tmp_path_factory)`;
+the run lives under the session's base temp directory, so whichever module runs first makes it
+and the others reuse it (its manifest is written last, so a present manifest means complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+PRETRAIN_STEPS = 20
+BATCH = 8
+PRETRAIN_OVERRIDES = [f"train.steps={PRETRAIN_STEPS}", f"train.batch_size={BATCH}", "train.checkpoint_every=10",
+                      "train.teacher_checkpoint_every=10", "train.log_every=10"]
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    dataset: Path
+    pretrain: Path
+    steps: int = PRETRAIN_STEPS
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny tensors run several times faster on one thread on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tiny_run(factory: pytest.TempPathFactory) -> TinyRun:
+    from gramline.data.synthetic import write_synthetic_dataset
+    from gramline.stages import pretrain
+
+    root = factory.getbasetemp() / "phase_tiny_run"
+    run = TinyRun(root / "dataset", root / "pretrain")
+    if (run.pretrain / "manifest.json").is_file():
+        return run
+    root.mkdir(exist_ok=True)
+    if not (run.dataset / "manifest.json").is_file():
+        write_synthetic_dataset(run.dataset, n_train=96, n_eval=32, size=64, seed=3)
+    with one_thread():
+        code = pretrain.main(["--dataset", str(run.dataset), "--out-model", str(run.pretrain), "--preset", "tiny",
+                              *[a for o in PRETRAIN_OVERRIDES for a in ("--set", o)]])
+    assert code == 0
+    return run
+
+
+def sets(overrides: Sequence[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def stage_exit_code(main_cli, argv: Sequence[str]) -> int:  # type: ignore[no-untyped-def]
+    """Run a stage's CLI entry in-process; its exit code (0, 2, ...)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main_cli(list(argv))
+    return int(exit_info.value.code or 0)
