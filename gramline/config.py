@@ -208,6 +208,7 @@ class CropsConfig(Strict):
     local_scale: tuple[float, float] = (0.05, 0.32)
     horizontal_flip: bool = True
     color_jitter_p: float = 0.8
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale_p: float = 0.2
     blur_mode: Literal["intended", "official"] = "intended"
     solarize_p: float = 0.2

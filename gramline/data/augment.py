@@ -175,7 +175,7 @@ class MultiCropAugment:
         if rng.random() < c.color_jitter_p:
             order = list(range(4))
             rng.shuffle(order)
-            b, ct, s, hue = JITTER
+            b, ct, s, hue = c.color_jitter
             jitter = ColorJitterOps(tuple(order), rng.uniform(1 - b, 1 + b), rng.uniform(1 - ct, 1 + ct),
                                     rng.uniform(1 - s, 1 + s), rng.uniform(-hue, hue))
         grayscale = rng.random() < c.grayscale_p
