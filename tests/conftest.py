@@ -43,3 +43,22 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The README's main job, once per session: a procedural dataset and a default tiny pretrain
+    (the real stage command). Yields (dataset dir, model dir)."""
+    import subprocess
+    import sys
+
+    from gramline.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_pretrain")
+    data, model = root / "data", root / "model"
+    write_synthetic_dataset(data, n_train=2000, n_eval=400, size=64, seed=0)
+    result = subprocess.run([sys.executable, "-m", "gramline.stages.pretrain", "--dataset", str(data),
+                             "--out-model", str(model), "--preset", "tiny"], capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, model
