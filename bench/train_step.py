@@ -147,7 +147,7 @@ def main() -> None:
         presets = args.presets or (["tiny", "vits16"] if device.type == "cpu" else ["tiny", "vits16", "vitb16", "vitl16"])
         for name in presets:
             batch = args.batch or (8 if device.type == "cpu" else 64)
-            overrides = [] if name == "tiny" else [f"train.batch_size={batch}", "train.compile=false"]
+            overrides = ["data.num_workers=0"] + ([] if name == "tiny" else [f"train.batch_size={batch}", "train.compile=false"])
             dataset = tiny_data if name == "tiny" else big_data
             steps = args.steps if (name == "tiny" or device.type == "cuda") else max(2, args.steps // 2)
             row = bench_preset(name, overrides, device, dataset, steps, args.warmup,

@@ -1,0 +1,134 @@
+"""Pipeline presets: the compiled pipeline's parameter defaults and each task's Kubernetes settings.
+
+A pipeline preset is chosen at compile time (`pipeline/compile.py --preset P`). It sets the
+defaults of the pipeline parameters (source, the stages' presets and overrides), which a run can
+still change (`kfp run submit ... preset=tiny pretrain_overrides='{"train.steps": 50}'`), and the
+per-task settings that KFP fixes at compile time: GPU type and count, CPU/memory, the `/dev/shm`
+emptyDir, S3 credentials from a Secret, an optional PVC, node selector, tolerations, retries with
+backoff, timeouts and caching.
+
+Caching: training stages (pretrain, gram, highres) never come from the cache, nor does curate (its
+source URI can name a bucket whose content changed). anchor and benchmark are pure functions of
+their input artifacts and parameters, so KFP's cache key (which includes them) is safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gramline.errors import InputError
+
+# Keys of the Secret made by manifests/ (base/s3-secret.yaml); boto3 reads them from the env.
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Kubernetes settings of one task. Sizes are Kubernetes quantities ("8", "64Gi")."""
+
+    cpu: str | None = None
+    memory: str | None = None  # also covers the memory-backed /dev/shm
+    gpus: int = 0
+    gpu_product: str | None = None  # node selector nvidia.com/gpu.product
+    shm: str | None = None  # /dev/shm emptyDir (medium Memory) size
+    timeout_s: int = 0  # pod activeDeadlineSeconds; 0 = none
+    retries: int = 0
+    backoff: str = "60s"
+    backoff_factor: float = 2.0
+    backoff_max: str = "3600s"
+    cache: bool = False
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    name: str
+    description: str
+    source: str  # default of the `source` parameter (curate --source)
+    preset: str  # default SSL preset of pretrain/anchor/gram/highres/benchmark
+    curate_preset: str
+    overrides: dict[str, dict[str, Any]]  # default `<stage>_overrides` per stage
+    tasks: dict[str, TaskSettings]
+    s3_secret: str | None = "gramline-s3"  # Secret mounted as env in every task (optional=True)
+    pvc: str | None = None  # claim mounted at pvc_mount in every task
+    pvc_mount: str = "/data"
+    node_selector: dict[str, str] = field(default_factory=dict)  # every task
+    tolerations: list[dict[str, Any]] = field(default_factory=list)  # GPU tasks
+    timm_baseline: str | None = None  # benchmark also compares timm:<name> (public weights, downloaded by timm)
+
+    def task(self, stage: str) -> TaskSettings:
+        return self.tasks.get(stage, TaskSettings())
+
+
+_GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+_DAY = 24 * 3600
+
+# Tiny: CPU only, minutes end to end (CI, `gramline run --preset tiny`). The overrides shorten the
+# training phases further than the stages' own tiny presets.
+TINY = PipelinePreset(
+    name="tiny",
+    description="CPU, minutes: procedural images, a 4-layer ViT, a few steps per phase",
+    source="synthetic:n=192,size=64,seed=0",
+    preset="tiny",
+    curate_preset="tiny",
+    overrides={
+        "curate": {},
+        "pretrain": {"train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": 4,
+                     "train.teacher_checkpoint_every": 4, "train.log_every": 2},
+        "anchor": {"anchor.images": 16},
+        "gram": {"phase.steps": 4, "phase.ramp_steps": 2, "phase.refresh_at": [2], "train.batch_size": 8,
+                 "train.checkpoint_every": 2, "train.teacher_checkpoint_every": 2, "train.log_every": 2},
+        "highres": {"train.steps": 4, "train.batch_size": 8, "train.checkpoint_every": 2,
+                    "train.teacher_checkpoint_every": 2, "train.log_every": 2},
+        "benchmark": {"linear.epochs": 10, "seg.steps": 20, "dense.images": 8, "report.images": 3},
+    },
+    tasks={stage: TaskSettings(cpu="2", memory="4Gi", shm="1Gi", timeout_s=3600,
+                               cache=stage in ("anchor", "benchmark"))
+           for stage in ("curate", "pretrain", "anchor", "gram", "highres", "benchmark")},
+    s3_secret=None,  # no retries either: a failing local stage should stop the run at once
+)
+
+
+def _gpu_preset(name: str, description: str, gpus: int, product: str, memory: str, shm: str,
+                train_days: int, timm_baseline: str) -> PipelinePreset:
+    train = TaskSettings(cpu=str(12 * gpus), memory=memory, gpus=gpus, gpu_product=product, shm=shm,
+                         timeout_s=train_days * _DAY, retries=2, backoff="120s", backoff_max="1800s")
+    return PipelinePreset(
+        name=name,
+        description=description,
+        source="synthetic:n=20000,size=224,seed=0",
+        preset=name,
+        curate_preset="large",
+        overrides={stage: {} for stage in ("curate", "pretrain", "anchor", "gram", "highres", "benchmark")},
+        tasks={
+            "curate": TaskSettings(cpu="16", memory="64Gi", gpus=1, gpu_product=product, shm="16Gi",
+                                   timeout_s=2 * _DAY, retries=2),
+            "pretrain": train,
+            "anchor": TaskSettings(cpu="8", memory="64Gi", gpus=1, gpu_product=product, shm="8Gi",
+                                   timeout_s=6 * 3600, retries=2, cache=True),
+            "gram": train,
+            "highres": train,
+            "benchmark": TaskSettings(cpu="8", memory="64Gi", gpus=1, gpu_product=product, shm="8Gi",
+                                      timeout_s=_DAY, retries=2, cache=True),
+        },
+        tolerations=[dict(_GPU_TOLERATION)],
+        timm_baseline=timm_baseline,
+    )
+
+
+PIPELINE_PRESETS: dict[str, PipelinePreset] = {
+    "tiny": TINY,
+    "vits16": _gpu_preset("vits16", "ViT-S/16 on one 80 GB GPU per training task", 1,
+                          "NVIDIA-H100-80GB-HBM3", "120Gi", "16Gi", 3, "vit_small_patch16_dinov3.lvd1689m"),
+    "vitl16": _gpu_preset("vitl16", "ViT-L/16 on 8x H100 per training task (one node)", 8,
+                          "NVIDIA-H100-80GB-HBM3", "900Gi", "64Gi", 7, "vit_large_patch16_dinov3.lvd1689m"),
+}
+DEFAULT_PIPELINE_PRESET = "vitl16"
+
+
+def pipeline_preset(name: str, pvc: str | None = None) -> PipelinePreset:
+    if name not in PIPELINE_PRESETS:
+        raise InputError("--preset", f"{name!r} is not a pipeline preset", "one of " + ", ".join(PIPELINE_PRESETS))
+    preset = PIPELINE_PRESETS[name]
+    return replace(preset, pvc=pvc) if pvc else preset

@@ -1,0 +1,337 @@
+"""`gramline run` and `gramline rerun`: the compiled pipeline on one machine, without a cluster.
+
+    gramline run [--preset tiny] [--runner process|docker] [--root DIR] [--pipeline FILE]
+                 [--image IMAGE] [--param KEY=VALUE ...] [--cache] [docker options]
+    gramline rerun STAGE [--runner docker|process] --input NAME=PATH ... [--output NAME=PATH ...]
+                 [--out-dir DIR] [--set key=value ...] [--preset P | --pipeline FILE] [--image IMAGE]
+                 [--param KEY=VALUE ...] [docker options]
+    docker options: [--shm-size 2g] [--gpus auto|all|none|N] [--docker-network host]
+
+`run` compiles the pipeline (or takes `--pipeline FILE`), then executes that YAML through kfp.local:
+`--runner docker` with `DockerRunner` in the image it names, `--runner process` with the same
+container commands run in this Python environment (kfp.local's SubprocessRunner with its
+lightweight-component checks switched off, as KFP's own tests do; kfp is pinned for this).
+`rerun` takes one task of the compiled pipeline, fills its placeholders with your directories and
+runs its command, in a container (Docker SDK: your directories bind-mounted at the same paths, your
+user, shared memory, GPUs when present) or as a process. Both print where the outputs went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
+from gramline.stages.common import StageArgumentParser, parse_named
+
+PROCESS_HOOKS = ("validate_image", "validate_not_container_component", "validate_not_containerized_python_component")
+PINNED_KFP = "2.17.3"
+
+
+# --------------------------------------------------------------------------- process runner
+
+
+@contextlib.contextmanager
+def python_on_path() -> Iterator[None]:
+    """Put this interpreter first on PATH as `python`: the compiled commands say `python -m ...`.
+
+    A small exec script, not a symlink: Python finds its virtual environment from the path it was
+    started by, so a symlink elsewhere would lose the venv's packages.
+    """
+    with tempfile.TemporaryDirectory(prefix="gramline-python-") as tmp:
+        shim = Path(tmp) / "python"
+        shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        shim.chmod(0o755)
+        saved = os.environ.get("PATH", "")
+        os.environ["PATH"] = tmp + os.pathsep + saved
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = saved
+
+
+@contextlib.contextmanager
+def host_subprocess_runner() -> Iterator[Any]:
+    """kfp.local's SubprocessRunner, allowed to run container components on this host.
+
+    Uses kfp.local internals (pinned kfp==2.17.3; tests/test_local_run.py fails if they change):
+    the handler's three validation hooks are replaced by no-ops for the duration of the run.
+    """
+    import kfp
+    from kfp import local
+    from kfp.local import subprocess_task_handler as sth
+
+    handler = sth.SubprocessTaskHandler
+    missing = [name for name in PROCESS_HOOKS if not callable(getattr(handler, name, None))]
+    if missing:
+        raise RuntimeError(f"kfp {kfp.__version__} lacks SubprocessTaskHandler.{missing}: the process runner "
+                           f"needs kfp=={PINNED_KFP}")
+    saved = {name: handler.__dict__[name] for name in PROCESS_HOOKS}
+    for name in PROCESS_HOOKS:
+        setattr(handler, name, lambda self, *args, **kwargs: None)
+    try:
+        with python_on_path():
+            yield local.SubprocessRunner(use_venv=False)
+    finally:
+        for name, hook in saved.items():
+            setattr(handler, name, hook)
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _common_options(parser: argparse.ArgumentParser, default_runner: str) -> None:
+    parser.add_argument("--runner", choices=("process", "docker"), default=default_runner)
+    parser.add_argument("--preset", default="tiny", help="pipeline preset to compile (default: tiny)")
+    parser.add_argument("--pipeline", type=Path, default=None,
+                        help="a compiled pipeline YAML to run instead of compiling one")
+    parser.add_argument("--image", default=None, help="image to compile the pipeline with (default: gramline:VERSION)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="pipeline parameter, repeatable (values as JSON like `kfp run submit`)")
+    parser.add_argument("--shm-size", default="2g", help="docker: /dev/shm size (default 2g)")
+    parser.add_argument("--gpus", default="auto", help="docker: auto, all, none or a count (default auto)")
+    parser.add_argument("--docker-network", default="host", help="docker: network mode (default host)")
+
+
+def _pipeline(args: argparse.Namespace, workdir: Path) -> Any:
+    from gramline.kfp import compiled
+
+    if args.pipeline is not None:
+        if args.image is not None:
+            raise InputError("--image", "cannot be combined with --pipeline", "the image the compiled YAML names")
+        return compiled.load_compiled(args.pipeline)
+    from gramline.kfp.components import DEFAULT_IMAGE, check_image
+
+    image = check_image(args.image or DEFAULT_IMAGE)
+    return compiled.compile_to(workdir, args.preset, image)
+
+
+def _arguments(pipeline: Any, items: Sequence[str]) -> dict[str, Any]:
+    from gramline.kfp.compiled import parse_argument
+
+    return dict(parse_argument(pipeline, item) for item in items)
+
+
+def _docker(args: argparse.Namespace, images: set[str]) -> tuple[Any, dict[str, Any]]:
+    from gramline.kfp import dockerhost
+
+    docker_client = dockerhost.client()
+    for image in sorted(images):
+        dockerhost.ensure_image(docker_client, image)
+    settings = dockerhost.ContainerSettings(shm_size=args.shm_size, network=args.docker_network, gpus=args.gpus)
+    return docker_client, settings.run_args(docker_client)
+
+
+# --------------------------------------------------------------------------- gramline run
+
+
+def task_outputs(run_dir: Path) -> dict[str, dict[str, Path]]:
+    """task → output name → path, for every task directory of a kfp.local run."""
+    return {task.name: {out.name: out for out in sorted(task.iterdir()) if out.name != "executor_output.json"}
+            for task in sorted(run_dir.iterdir()) if (task / "executor_output.json").is_file()}
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from kfp import local
+    from kfp.local import pipeline_orchestrator
+
+    runs = Path(args.root).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    pipeline = _pipeline(args, runs)
+    arguments = _arguments(pipeline, args.param)
+    before = {p for p in runs.iterdir() if p.is_dir()}
+    started = time.monotonic()
+    print(f"gramline run: {pipeline.path} ({', '.join(pipeline.task_names())}) with the {args.runner} runner, "
+          f"outputs under {runs}", flush=True)
+    try:
+        if args.runner == "docker":
+            docker_client, run_args = _docker(args, pipeline.images())
+            docker_client.close()
+            runner_context: Any = contextlib.nullcontext(local.DockerRunner(**run_args))
+        else:
+            runner_context = host_subprocess_runner()
+        with runner_context as runner:
+            local.init(runner=runner, pipeline_root=str(runs), raise_on_error=True, enable_caching=args.cache)
+            pipeline_orchestrator.run_local_pipeline(pipeline.spec, arguments)
+    except RuntimeError as err:
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # kfp.local colours its messages
+        if "finished with status FAILURE" not in message:
+            raise
+        print(f"gramline run: error: {message.splitlines()[0]} (its log is above)", file=sys.stderr)
+        return 1
+    new = sorted({p for p in runs.iterdir() if p.is_dir() and p.name.startswith(f"{pipeline.name}-")} - before)
+    run_dir = new[-1] if new else runs
+    print(f"gramline run: done in {time.monotonic() - started:.0f} s; outputs in {run_dir}:")
+    for task, outputs in task_outputs(run_dir).items():
+        for name, path in outputs.items():
+            print(f"  {task}.{name}: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- gramline rerun
+
+
+def resolve_command(pipeline: Any, stage: str, inputs: dict[str, Path], outputs: dict[str, Path],
+                    arguments: dict[str, Any], executor_output: Path) -> list[str]:
+    """The task's command with every placeholder filled in for these local paths."""
+    from kfp import dsl
+    from kfp.local import executor_input_utils, placeholder_utils
+
+    component = pipeline.component(stage)
+    params = pipeline.task_parameters(stage, arguments)
+    values: dict[str, Any] = {k: v for k, v in params.items() if k in component.input_definitions.parameters}
+    for name, path in inputs.items():
+        values[name] = dsl.Artifact(name=name, uri=str(path), metadata={})
+    executor_input = executor_input_utils.construct_executor_input(
+        component_spec=component, arguments=values, task_root=str(executor_output.parent), block_input_artifact=False)
+    for name, path in outputs.items():
+        executor_input.outputs.artifacts[name].artifacts[0].uri = str(path)
+    executor_input.outputs.output_file = str(executor_output)
+    container = pipeline.executor(stage).container
+    return placeholder_utils.replace_placeholders(
+        full_command=[*container.command, *container.args],
+        executor_input_dict=executor_input_utils.executor_input_to_dict(executor_input, component),
+        pipeline_resource_name=f"{pipeline.name}-rerun", task_resource_name=stage,
+        pipeline_root=str(executor_output.parent), unique_pipeline_id=placeholder_utils.make_random_id())
+
+
+def _artifact_paths(pipeline: Any, stage: str, args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Path]]:
+    component = pipeline.component(stage)
+    wanted_in = list(component.input_definitions.artifacts)
+    wanted_out = list(component.output_definitions.artifacts)
+    given_in = {k: Path(v).resolve() for k, v in parse_named(args.input, "--input").items()}
+    given_out = {k: Path(v).resolve() for k, v in parse_named(args.output, "--output").items()}
+    for flag, given, wanted in (("--input", given_in, wanted_in), ("--output", given_out, wanted_out)):
+        unknown = sorted(set(given) - set(wanted))
+        if unknown:
+            raise InputError(f"{flag} {unknown[0]}", f"is not an {flag[2:]} of stage {stage}",
+                             "one of " + (", ".join(wanted) or "(none)"))
+    missing = [name for name in wanted_in if name not in given_in]
+    if missing:
+        raise InputError("--input", f"stage {stage} needs {', '.join(missing)}",
+                         " ".join(f"--input {name}=PATH" for name in wanted_in))
+    for name, path in given_in.items():
+        if not path.exists():
+            raise InputError(f"--input {name}={path}", "does not exist", "an artifact directory or file")
+    out_dir = Path(args.out_dir or f"{stage}-outputs").resolve()
+    outputs = {name: given_out.get(name, out_dir / name) for name in wanted_out}
+    return given_in, outputs
+
+
+def _run_container(docker_client: Any, image: str, command: list[str], run_args: dict[str, Any],
+                   inputs: dict[str, Path], writable: list[Path]) -> int:
+    import docker
+
+    mounts: dict[str, Any] = {}
+    for path in inputs.values():
+        mounts[str(path)] = docker.types.Mount(str(path), str(path), type="bind", read_only=True)
+    for path in writable:
+        path.mkdir(parents=True, exist_ok=True)
+        mounts[str(path)] = docker.types.Mount(str(path), str(path), type="bind", read_only=False)
+    container = docker_client.containers.run(image, command=command, mounts=list(mounts.values()), detach=True,
+                                             **run_args)
+    try:
+        for chunk in container.logs(stream=True, follow=True):
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        return int(container.wait()["StatusCode"])
+    finally:
+        container.remove(force=True)
+
+
+def rerun_stage(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix=f"gramline-rerun-{args.stage}-"))
+    try:
+        pipeline = _pipeline(args, workdir)
+        arguments = _arguments(pipeline, args.param)
+        pipeline.task(args.stage)
+        inputs, outputs = _artifact_paths(pipeline, args.stage, args)
+        executor_output = workdir / "executor_output.json"
+        command = resolve_command(pipeline, args.stage, inputs, outputs, arguments, executor_output)
+        for item in args.overrides:
+            command += ["--set", item]
+        image = pipeline.executor(args.stage).container.image
+        print(f"gramline rerun: {args.stage} ({args.runner}{', image ' + image if args.runner == 'docker' else ''})",
+              flush=True)
+        if args.runner == "docker":
+            docker_client, run_args = _docker(args, {image})
+            try:
+                writable = sorted({p.parent for p in outputs.values()} | {workdir})
+                code = _run_container(docker_client, image, command, run_args, inputs, writable)
+            finally:
+                docker_client.close()
+        else:
+            with python_on_path():
+                code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            print(f"gramline rerun: {args.stage} exited with {code}", file=sys.stderr)
+            return code
+        written = json.loads(executor_output.read_text()) if executor_output.is_file() else {}
+        print(f"gramline rerun: {args.stage} done; outputs:")
+        for name, path in outputs.items():
+            entry = written.get("artifacts", {}).get(name, {}).get("artifacts", [{}])[0]
+            keys = ", ".join(sorted(entry.get("metadata", {}))[:8])
+            print(f"  {name}: {path}" + (f" (metadata: {keys})" if keys else ""))
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = StageArgumentParser(prog="gramline run", description="Run the compiled pipeline on this machine.")
+    _common_options(parser, default_runner="process")
+    parser.add_argument("--root", default="gramline-runs",
+                        help="runs go to DIR/<pipeline>-<timestamp>/<task>/<output> (default ./gramline-runs)")
+    parser.add_argument("--cache", action="store_true", help="let kfp.local reuse cached task outputs")
+    return parser
+
+
+def rerun_parser() -> argparse.ArgumentParser:
+    parser = StageArgumentParser(prog="gramline rerun", description="Re-run one stage of the compiled pipeline.")
+    parser.add_argument("stage", help="task name in the pipeline (curate, pretrain, ..., benchmark)")
+    _common_options(parser, default_runner="docker")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--output", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--out-dir", default=None, help="outputs not named by --output go to DIR/NAME "
+                                                        "(default ./STAGE-outputs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="stage config override, repeatable (added after the pipeline's)")
+    return parser
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    if command == "run":
+        return run_pipeline(run_parser().parse_args(argv))
+    if command == "rerun":
+        return rerun_stage(rerun_parser().parse_args(argv))
+    raise InputError(f"command {command!r}", "is unknown", "run or rerun")
+
+
+def main_cli(command: str, argv: Sequence[str] | None = None) -> NoReturn:
+    try:
+        code = main(command, list(sys.argv[1:] if argv is None else argv))
+    except InputError as err:
+        print(f"gramline {command}: error: {err}", file=sys.stderr)
+        sys.exit(BAD_INPUT_EXIT_CODE)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in ("kfp", "docker"):
+            print(f"gramline {command}: error: {err.name} is not installed (pip install 'gramline[pipeline]')",
+                  file=sys.stderr)
+            sys.exit(BAD_INPUT_EXIT_CODE)
+        raise
+    sys.exit(code)

@@ -1,0 +1,244 @@
+"""The compiled pipeline IR (what the cluster runs): executors, DAG edges, Kubernetes settings,
+retries and caching, compiled by `pipeline/compile.py` itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("kfp")
+
+from gramline.kfp import pipeline as gp
+from gramline.kfp.compiled import load_compiled
+
+REPO = Path(__file__).resolve().parents[1]
+COMPILE = REPO / "pipeline" / "compile.py"
+IMAGE = "registry.example.com:5000/ml/gramline:0.1.0"
+
+# The DAG's edges, written out independently of gramline.kfp.pipeline's table:
+# (consumer task, input) -> (producer task, output).
+EDGES = {
+    ("pretrain", "dataset"): ("curate", "dataset"),
+    ("anchor", "pretrained"): ("pretrain", "model"),
+    ("anchor", "dataset"): ("curate", "dataset"),
+    ("gram", "pretrained"): ("pretrain", "model"),
+    ("gram", "anchor"): ("anchor", "model"),
+    ("gram", "dataset"): ("curate", "dataset"),
+    ("highres", "anchored"): ("gram", "model"),
+    ("highres", "dataset"): ("curate", "dataset"),
+    ("benchmark", "eval_dataset"): ("curate", "dataset"),
+    ("benchmark", "pretrain"): ("pretrain", "model"),
+    ("benchmark", "anchor"): ("anchor", "model"),
+    ("benchmark", "gram"): ("gram", "model"),
+    ("benchmark", "highres"): ("highres", "model"),
+}
+STAGES = ["curate", "pretrain", "anchor", "gram", "highres", "benchmark"]
+TRAINING = ["pretrain", "gram", "highres"]
+
+
+def compile_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(COMPILE), *args], check=False, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("ir") / "gramline.yaml"
+    done = compile_cli(out.parent, "--preset", "vitl16", "--image", IMAGE, "--pvc", "gramline-data",
+                       "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    spec, platform = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_stage_exists_in_this_build() -> None:
+    """The DAG below assumes every stage module is present; if one is missing the pipeline drops it."""
+    assert [s.name for s in gp.active_stages()] + ["benchmark"] == STAGES
+
+
+def test_one_container_executor_per_stage_with_the_image_and_stage_command(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert sorted(executors) == sorted(f"exec-{s}" for s in STAGES)
+    for stage in STAGES:
+        container = executors[f"exec-{stage}"]["container"]
+        assert container["image"] == IMAGE
+        assert container["command"] == ["python", "-m", f"gramline.stages.{stage}"]
+        args = container["args"]
+        assert args[args.index("--executor-output") + 1] == "{{$.outputs.output_file}}"
+        assert not any("python3" in str(a) for a in args)
+    assert sorted(spec["root"]["dag"]["tasks"]) == sorted(STAGES)
+
+
+def _flag(args: list[Any], flag: str) -> Any:
+    return args[args.index(flag) + 1]
+
+
+def test_artifact_placeholders_follow_the_dag_edges(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    seen = {}
+    for task_name, task in tasks.items():
+        for name, source in task.get("inputs", {}).get("artifacts", {}).items():
+            out = source["taskOutputArtifact"]
+            seen[(task_name, name)] = (out["producerTask"], out["outputArtifactKey"])
+    assert seen == EDGES
+    executors = spec["deploymentSpec"]["executors"]
+    args = {s: executors[f"exec-{s}"]["container"]["args"] for s in STAGES}
+    out_model = "{{$.outputs.artifacts['model'].path}}"
+    assert _flag(args["curate"], "--source") == "{{$.inputs.parameters['source']}}"
+    assert _flag(args["curate"], "--out-dataset") == "{{$.outputs.artifacts['dataset'].path}}"
+    assert _flag(args["pretrain"], "--dataset") == "{{$.inputs.artifacts['dataset'].path}}"
+    assert _flag(args["gram"], "--model") == "{{$.inputs.artifacts['pretrained'].path}}"
+    assert _flag(args["gram"], "--anchor") == "{{$.inputs.artifacts['anchor'].path}}"
+    assert _flag(args["highres"], "--model") == "{{$.inputs.artifacts['anchored'].path}}"
+    for stage in ("pretrain", "anchor", "gram", "highres"):
+        assert _flag(args[stage], "--out-model") == out_model
+        assert _flag(args[stage], "--output-uri") == '{"Concat": ["model=", "{{$.outputs.artifacts[\'model\'].uri}}"]}'
+        assert _flag(args[stage], "--overrides") == "{{$.inputs.parameters['overrides']}}"
+    bench = args["benchmark"]
+    models = [bench[i + 1] for i, a in enumerate(bench) if a == "--model"]
+    assert models == [
+        *[f'{{"Concat": ["{m}=", "{{{{$.inputs.artifacts[\'{m}\'].path}}}}"]}}' for m in ("pretrain", "anchor", "gram", "highres")],
+        '{"Concat": ["random=random:", "{{$.inputs.parameters[\'preset\']}}"]}',
+        "timm=timm:vit_large_patch16_dinov3.lvd1689m",
+    ]
+    assert _flag(bench, "--out-html") == "{{$.outputs.artifacts['report'].path}}"
+    assert _flag(bench, "--out-markdown") == "{{$.outputs.artifacts['report_md'].path}}"
+    outputs = spec["components"]["comp-benchmark"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()} == {
+        "metrics": "system.Metrics", "report": "system.HTML", "report_md": "system.Markdown",
+        "report_dir": "system.Artifact"}
+
+
+def test_pipeline_parameters_and_their_wiring(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"source", "preset", "curate_preset", *(f"{s}_overrides" for s in STAGES)}
+    assert params["preset"]["defaultValue"] == "vitl16" and params["curate_preset"]["defaultValue"] == "large"
+    assert params["pretrain_overrides"]["parameterType"] == "STRUCT"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["curate"]["inputs"]["parameters"]["preset"] == {"componentInputParameter": "curate_preset"}
+    for stage in STAGES:
+        wiring = tasks[stage]["inputs"]["parameters"]
+        assert wiring["overrides"] == {"componentInputParameter": f"{stage}_overrides"}
+        if stage != "curate":
+            assert wiring["preset"] == {"componentInputParameter": "preset"}
+
+
+def test_kubernetes_settings_per_task(compiled: tuple[dict, dict]) -> None:
+    spec, platform = compiled
+    for stage in STAGES:
+        k8s = platform[f"exec-{stage}"]
+        assert k8s["emptyDirMounts"][0] | {"sizeLimit": None} == {
+            "medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm", "sizeLimit": None}
+        assert k8s["pvcMount"][0]["mountPath"] == "/data" and k8s["pvcMount"][0]["constant"] == "gramline-data"
+        secret = k8s["secretAsEnv"][0]
+        assert secret["secretName"] == "gramline-s3"
+        assert {(e["secretKey"], e["envVar"]) for e in secret["keyToEnv"]} >= {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
+        assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert int(k8s["activeDeadlineSeconds"]) > 0
+    executors = spec["deploymentSpec"]["executors"]
+    for stage in TRAINING:
+        resources = executors[f"exec-{stage}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "8"
+        assert resources["resourceCpuLimit"] == "96" and resources["resourceMemoryLimit"] == "900Gi"
+        assert platform[f"exec-{stage}"]["emptyDirMounts"][0]["sizeLimit"] == "64Gi"
+        assert platform[f"exec-{stage}"]["activeDeadlineSeconds"] == str(7 * 24 * 3600)
+    assert executors["exec-benchmark"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_retries_and_caching(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    for stage in STAGES:
+        retry = tasks[stage]["retryPolicy"]
+        assert retry["maxRetryCount"] == 2 and retry["backoffFactor"] == 2.0
+        assert retry["backoffDuration"].endswith("s") and retry["backoffMaxDuration"].endswith("s")
+    # KFP writes `cachingOptions: {}` for disabled caching (kfp.md §2).
+    for stage in (*TRAINING, "curate"):
+        assert "enableCache" not in tasks[stage]["cachingOptions"]
+    for stage in ("anchor", "benchmark"):
+        assert tasks[stage]["cachingOptions"] == {"enableCache": True}
+
+
+def test_tiny_preset_defaults_and_no_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.yaml"
+    assert compile_cli(tmp_path, "--preset", "tiny", "--output", str(out)).returncode == 0
+    pipeline = load_compiled(out)
+    params = pipeline.parameters()
+    assert params["preset"] == ("STRING", "tiny")
+    assert params["source"][1].startswith("synthetic:")
+    assert params["pretrain_overrides"][1]["train.steps"] == 8
+    assert pipeline.images() == {"gramline:0.1.0"}
+    executors = pipeline.platform["kubernetes"]["deploymentSpec"]["executors"]
+    assert all("secretAsEnv" not in e and "tolerations" not in e for e in executors.values())
+    container = pipeline.executor("pretrain").container
+    assert not container.resources.accelerator.resource_count
+
+
+def test_default_output_is_gramline_yaml_at_the_repo_root(tmp_path: Path) -> None:
+    """Run from another directory: the default output still lands at <repo>/gramline.yaml."""
+    target = REPO / "gramline.yaml"
+    before = target.read_bytes() if target.exists() else None
+    try:
+        done = compile_cli(tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert load_compiled(target).parameters()["preset"][1] == "vitl16"
+        assert not (tmp_path / "gramline.yaml").exists()
+    finally:
+        if before is None:
+            target.unlink(missing_ok=True)
+        else:
+            target.write_bytes(before)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "Not An/Image:tag"], "--image 'Not An/Image:tag': is not a valid image reference"),
+    (["--image", "gramline:"], "--image 'gramline:': is not a valid image reference"),
+    (["--preset", "huge"], "--preset: 'huge' is not a pipeline preset"),
+])
+def test_bad_options_give_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    done = compile_cli(tmp_path, *args, "--output", str(tmp_path / "x.yaml"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+@pytest.mark.parametrize("image", ["gramline:0.1.0", "localhost:5000/a/b-c_d:v1.2", "ghcr.io/org/gramline",
+                                   "gramline@sha256:" + "a" * 64, "[::1]:5000/gramline:x"])
+def test_valid_image_references_are_accepted(image: str) -> None:
+    from gramline.kfp.components import check_image
+
+    assert check_image(image) == image
+
+
+def test_a_stage_missing_from_the_build_drops_out_with_its_downstream(tmp_path: Path) -> None:
+    """Adding a stage is a component plus a table row: without `gram` its dependants go too."""
+    available = lambda name: name != "gram"
+    assert [s.name for s in gp.active_stages(available)] == ["curate", "pretrain", "anchor"]
+    from kfp import compiler
+
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(gp.build_pipeline(gp.pipeline_preset("tiny"), available=available), str(out))
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert sorted(spec["root"]["dag"]["tasks"]) == ["anchor", "benchmark", "curate", "pretrain"]
+    assert sorted(spec["root"]["dag"]["tasks"]["benchmark"]["inputs"]["artifacts"]) == ["anchor", "eval_dataset", "pretrain"]
+
+
+def test_component_files_in_components_dir_are_up_to_date(tmp_path: Path) -> None:
+    """components/*.yaml are generated (`python pipeline/compile.py --components components`)."""
+    written = gp.compile_components(tmp_path)
+    committed = sorted(p.name for p in (REPO / "components").glob("*.yaml"))
+    assert committed == sorted(p.name for p in written)
+    for path in written:
+        assert (REPO / "components" / path.name).read_text() == path.read_text(), (
+            f"components/{path.name} is stale: run python pipeline/compile.py --components components")
