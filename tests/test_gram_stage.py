@@ -237,8 +237,12 @@ class GramProbe:
 def test_gram_term_falls_and_pulls_the_student_to_the_anchor(run: TinyRun, anchor_dir: Path, tmp_path: Path) -> None:
     """Two runs of the same length from the same state and batches: Gram weight 2 and, as the control, 0.
     Measured with GramProbe (the Gram term on a fixed batch): it falls with anchoring and not without."""
+    # Measured with masking and photometric ops off: with them on, at this scale (12 steps of batch 8)
+    # the fixed-batch probe is dominated by masked tokens and colour noise (0.19 vs 0.027) and rose in
+    # both runs after the tiny preset moved to LayerScale 1.0; the mechanism is what is tested here.
     quiet = ["phase.ramp_steps=0", "phase.refresh_at=[]", "train.log_every=1", "train.checkpoint_every=12",
-             "train.teacher_checkpoint_every=0", "phase.steps=12"]
+             "train.teacher_checkpoint_every=0", "phase.steps=12", "masking.sample_probability=0",
+             "crops.color_jitter_p=0", "crops.grayscale_p=0", "crops.solarize_p=0"]
     probes, logs = {}, {}
     for weight in (2.0, 0.0):
         out = tmp_path / f"w{weight}"
@@ -248,6 +252,7 @@ def test_gram_term_falls_and_pulls_the_student_to_the_anchor(run: TinyRun, ancho
                              hooks=[probes[weight]]) == 0
         logs[weight] = [json.loads(line)["gram"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     anchored, free = probes[2.0].values, probes[0.0].values
+    print("anchored", [round(v, 4) for v in anchored], "free", [round(v, 4) for v in free])
     # same start: the first step's logged Gram term is identical (same state, same batch)
     assert logs[2.0][0] == logs[0.0][0]
     # with the Gram term the loss falls; without it, it does not; the anchored student ends closer

@@ -69,7 +69,8 @@ def to_uint8(crops: torch.Tensor) -> np.ndarray:
 def test_config_is_a_new_run_with_the_recipe_schedules(gram_model: Path) -> None:
     config = load_highres_config("tiny", None, [], read_manifest(gram_model)["config"])
     total = config.train.steps
-    assert config.backbone.arch == "tiny" and config.heads.dino_prototypes == 512  # the run's architecture
+    run_heads = read_manifest(gram_model)["config"]["heads"]
+    assert config.backbone.arch == "tiny" and config.heads.dino_prototypes == run_heads["dino_prototypes"]  # the run's
     for section, name in SCHEDULE_PATHS:  # nothing is inherited from the gram run's absolute schedules
         assert getattr(getattr(config, section), name).delay_steps == 0
     # LR: half-cosine ramp 0 -> 1e-3 over 10 steps, then constant

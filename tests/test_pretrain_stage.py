@@ -165,8 +165,8 @@ def test_two_process_torchrun_on_cpu(small_dataset: Path, tmp_path: Path) -> Non
     out = tmp_path / "model"
     sets = sum((["--set", o] for o in QUICK + ["train.steps=4", "train.checkpoint_every=2"]), [])
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", "0", "-m", "gramline.stages.pretrain", "--dataset", str(small_dataset), "--out-model",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "gramline.stages.pretrain", "--dataset", str(small_dataset), "--out-model",
          str(out), *sets],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
