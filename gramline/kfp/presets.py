@@ -69,11 +69,11 @@ _DAY = 24 * 3600
 TINY = PipelinePreset(
     name="tiny",
     description="CPU, minutes: procedural images, a 4-layer ViT, a few steps per phase",
-    source="synthetic:n=192,size=64,seed=0",
+    source="synthetic:n=320,size=64,seed=0",
     preset="tiny",
     curate_preset="tiny",
     overrides={
-        "curate": {},
+        "curate": {"split.eval_fraction": 0.3},  # ~100 eval images: probes above a handful of samples
         "pretrain": {"train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": 4,
                      "train.teacher_checkpoint_every": 4, "train.log_every": 2},
         "anchor": {"anchor.images": 16},
