@@ -8,6 +8,7 @@ complete; loading uses `weights_only=True`.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -22,6 +23,7 @@ from gramline.io import atomic_path, remove_stale_temps
 from gramline.train import distributed
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+META_FILE = "meta.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,8 +70,9 @@ def latest_checkpoint(state_dir: Path) -> Path | None:
 
 
 def save_checkpoint(state_dir: Path, step: int, model_state: dict[str, Any] | None, rank_state: dict[str, Any],
-                    rank: int, keep: int) -> Path:
-    """Every rank calls this; rank 0 owns the directory and the rename."""
+                    rank: int, keep: int, meta: dict[str, Any] | None = None) -> Path:
+    """Every rank calls this; rank 0 owns the directory and the rename. `meta` (small, JSON) goes to
+    `meta.json`, so a resume check can read the run's config without loading the weights."""
     final = state_dir / f"step-{step:08d}"
     tmp_name = state_dir / f".step-{step:08d}.writing"
     if rank == 0:
@@ -81,6 +84,8 @@ def save_checkpoint(state_dir: Path, step: int, model_state: dict[str, Any] | No
     torch.save(rank_state, tmp_name / f"rank-{rank}.pt")
     if rank == 0 and model_state is not None:
         torch.save(model_state, tmp_name / "model.pt")
+        if meta is not None:
+            (tmp_name / META_FILE).write_text(json.dumps(meta, default=str))
     distributed.barrier()
     if rank == 0:
         with atomic_path(final) as tmp:

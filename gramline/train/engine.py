@@ -316,7 +316,8 @@ class SSLTrainer:
     def save(self) -> Path:
         state = self.model_state()
         return save_checkpoint(self.state_dir, self.step, state if self.env.is_main else None, self.rank_state(),
-                               self.env.rank, self.config.train.keep_checkpoints)
+                               self.env.rank, self.config.train.keep_checkpoints,
+                               meta={"step": self.step, "config": self.extra_state.get("config")})
 
     def try_resume(self, state_dir: Path | None = None) -> bool:
         """Load the latest complete checkpoint of `state_dir` (default: this run's own); a later

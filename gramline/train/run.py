@@ -19,15 +19,16 @@ FROZEN_SECTIONS = ("backbone", "heads")
 
 
 def check_resume_compatible(out_dir: Path, config: SSLConfig) -> None:
-    """Refuse to resume a run whose architecture differs from the requested one."""
-    import torch
+    """Refuse to resume a run whose architecture differs from the requested one (reads only the
+    checkpoint's small meta.json, not its weights)."""
+    import json
 
-    from gramline.train.checkpoint import latest_checkpoint
+    from gramline.train.checkpoint import META_FILE, latest_checkpoint
 
     path = latest_checkpoint(out_dir / "state")
-    if path is None:
+    if path is None or not (path / META_FILE).is_file():
         return
-    saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True).get("extra", {}).get("config")
+    saved = json.loads((path / META_FILE).read_text()).get("config")
     if not saved:
         return
     now = dump_config(config)
