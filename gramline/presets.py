@@ -47,14 +47,18 @@ SSL_PRESETS: dict[str, dict[str, Any]] = {
         "heads": dict(dino_hidden=256, dino_bottleneck=64, dino_prototypes=128,
                       ibot_hidden=256, ibot_bottleneck=64, ibot_prototypes=128, last_layer_init_std=0.3),
         "crops": {"global_size": 48, "local_size": 24, "n_local": 4},
-        "loss": {"teacher_temp": {"start": 0.04, "peak": 0.07, "end": 0.07, "warmup_steps": 50}},
+        # Two more, for the same reason: a constant teacher temperature of 0.02 (recipe 0.04 -> 0.07)
+        # and EMA momentum 0.95 (recipe 0.992 -> 1). With the recipe's values the DINO term sits at
+        # ln K for the whole run (4.77 at step 200); with these it falls to 4.2-4.3, and the
+        # teacher's CLS recovers the main object's colour with kNN 0.66 instead of 0.55 (random 0.10).
+        "loss": {"teacher_temp": 0.02},
         "optim": {
             "lr": {"start": 0.0, "peak": 2e-3, "end": 2e-3, "warmup_steps": 20},
             "weight_decay": {"start": 0.04, "peak": 0.04, "end": 0.04},
             "layerwise_decay": 1.0,
             "freeze_last_layer_steps": 0,
         },
-        "ema": {"momentum": {"start": 0.99, "peak": 0.99, "end": 0.995}},
+        "ema": {"momentum": 0.95},
         "data": {"num_workers": 0, "shuffle_buffer": 256},
         "train": {"steps": 200, "batch_size": 32, "checkpoint_every": 50, "teacher_checkpoint_every": 50,
                   "log_every": 10},

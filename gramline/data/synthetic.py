@@ -52,6 +52,8 @@ class SyntheticSample:
     label: int  # class of the largest object
     mask: np.ndarray  # uint8 [H, W]; 0 = background, class c -> c + 1
     caption: str
+    main_colour: str  # colour name of the largest object (drawn independently of its class)
+    texture: str  # background texture name
 
 
 def _regular(n: int, phase: float = 0.0, radius: float = 1.0) -> np.ndarray:
@@ -264,7 +266,8 @@ def render_sample(seed: int, index: int, size: int = 64) -> SyntheticSample:
             phrases.append(f"a {_size_word(k == main_k, frac)} {COLOURS[colour][0]} {CLASSES[cls]}")
     caption = f"{_join(phrases)} on a {texture} background"
     return SyntheticSample(
-        image=np.clip(image, 0, 255).astype(np.uint8), label=main_cls, mask=mask, caption=caption
+        image=np.clip(image, 0, 255).astype(np.uint8), label=main_cls, mask=mask, caption=caption,
+        main_colour=COLOURS[objects[0][2]][0], texture=texture,
     )
 
 
