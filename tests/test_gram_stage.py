@@ -238,7 +238,7 @@ class GramProbe:
 @pytest.mark.slow
 def test_gram_term_falls_and_pulls_the_student_to_the_anchor(run: TinyRun, anchor_dir: Path, tmp_path: Path) -> None:
     """Two runs of the same length from the same state and batches: Gram weight 2 and, as the control, 0.
-    Measured with GramProbe (the Gram term on a fixed batch): it falls with anchoring and not without."""
+    Measured with GramProbe (the Gram term on a fixed batch): it holds with anchoring and rises without."""
     # Measured with masking and photometric ops off: with them on, at this scale (12 steps of batch 8)
     # the fixed-batch probe is dominated by masked tokens and colour noise (0.19 vs 0.027) and rose in
     # both runs after the tiny preset moved to LayerScale 1.0; the mechanism is what is tested here.
@@ -257,10 +257,13 @@ def test_gram_term_falls_and_pulls_the_student_to_the_anchor(run: TinyRun, ancho
     print("anchored", [round(v, 4) for v in anchored], "free", [round(v, 4) for v in free])
     # same start: the first step's logged Gram term is identical (same state, same batch)
     assert logs[2.0][0] == logs[0.0][0]
-    # with the Gram term the loss falls; without it, it does not; the anchored student ends closer
-    assert anchored[-1] < 0.95 * anchored[0]
-    assert free[-1] > 0.98 * free[0]
-    assert anchored[-1] < 0.93 * free[-1]
+    # without the Gram term the patch structure drifts away from the anchor's; with it, it stays
+    # where it started. Measured: free 0.0244 -> 0.0355 (x1.45), anchored 0.0242 -> 0.0248 (x1.03,
+    # peak x1.08). Under the earlier tiny preset, whose DINO term sat at ln K, the anchored term fell
+    # (0.0267 -> 0.0213); with a DINO term that learns it is a tug of war the Gram term holds.
+    assert free[-1] > 1.2 * free[0]
+    assert anchored[-1] < 1.06 * anchored[0]
+    assert anchored[-1] < 0.85 * free[-1]
     # the logged training term, on the very same batches, is lower on average too
     assert np.mean(logs[2.0][1:]) < np.mean(logs[0.0][1:])
 
