@@ -29,6 +29,8 @@ def _data_main(argv: Sequence[str]) -> int:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shard-max-count", type=int, default=1000)
     synth.add_argument("--shard-max-bytes", type=int, default=256 << 20)
+    synth.add_argument("--colour-class-prior", type=float, default=0.0,
+                       help="probability that the main object has its class's colour (default 0: independent)")
     digits = sub.add_parser("digits", help="scikit-learn's handwritten digits as a Dataset artifact")
     digits.add_argument("--out", type=Path, required=True)
     digits.add_argument("--size", type=int, default=32)
@@ -42,6 +44,7 @@ def _data_main(argv: Sequence[str]) -> int:
         manifest = write_synthetic_dataset(
             args.out, n_train=args.n, n_eval=n_eval, size=args.size, seed=args.seed,
             shard_max_count=args.shard_max_count, shard_max_bytes=args.shard_max_bytes,
+            colour_class_prior=args.colour_class_prior,
         )
     else:
         from gramline.data.digits import write_digits_dataset

@@ -96,6 +96,21 @@ def test_label_does_not_follow_colour() -> None:
     assert all(len(v) >= 4 for v in colours_per_class.values())
 
 
+def test_colour_class_prior_is_opt_in() -> None:
+    """At 0 the world is unchanged; at 1 the main object has its class's colour wherever that colour
+    stands out from the background; a value outside [0, 1] is refused, naming the field."""
+    for i in range(20):
+        a, b = render_sample(5, i, 32), render_sample(5, i, 32, colour_class_prior=0.0)
+        assert a.image.tobytes() == b.image.tobytes() and a.caption == b.caption
+    biased = [render_sample(5, i, 32, colour_class_prior=1.0) for i in range(300)]
+    own = np.mean([s.main_colour == COLOURS[s.label][0] for s in biased])
+    chance = np.mean([s.main_colour == COLOURS[s.label][0] for s in (render_sample(5, i, 32) for i in range(300))])
+    assert own > 0.6 and chance < 0.2
+    assert all(s.caption.split()[2] == s.main_colour for s in biased)  # the caption names the main colour
+    with pytest.raises(InputError, match="colour_class_prior"):
+        render_sample(0, 0, 32, colour_class_prior=1.5)
+
+
 def test_render_rejects_tiny_size() -> None:
     with pytest.raises(InputError, match="size"):
         render_sample(0, 0, 8)

@@ -201,10 +201,18 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def render_sample(seed: int, index: int, size: int = 64) -> SyntheticSample:
-    """Render sample `index` of the shapes world `seed` at `size` x `size` pixels."""
+def render_sample(seed: int, index: int, size: int = 64, colour_class_prior: float = 0.0) -> SyntheticSample:
+    """Render sample `index` of the shapes world `seed` at `size` x `size` pixels.
+
+    colour_class_prior (default 0: colour independent of class) is the probability that the main
+    object takes its class's own colour (COLOURS[class]) when that colour stands out from the
+    background, as bananas tend to be yellow: a cue that features which learn colour can use. At 0
+    the random stream, and so every image, is the same as without the option.
+    """
     if size < 16:
         raise InputError("size", f"is {size}", "at least 16 pixels")
+    if not 0.0 <= colour_class_prior <= 1.0:
+        raise InputError("colour_class_prior", f"is {colour_class_prior}", "a probability in [0, 1]")
     rng = np.random.default_rng([seed, index])
     bg, texture = _background(rng, size)
     colours = _contrasting_colours(bg[::4, ::4].mean(axis=(0, 1)))
@@ -228,6 +236,8 @@ def render_sample(seed: int, index: int, size: int = 64) -> SyntheticSample:
         else:
             cx, cy = rng.uniform(0, size, 2)
         colour = int(colours[rng.integers(colours.size)])
+        if i == 0 and colour_class_prior > 0 and rng.random() < colour_class_prior and cls in colours:
+            colour = cls
         objects.append((cls, _object_mask(cls, cx, cy, scale, angle, aspect, size), colour, frac))
 
     # The main object must win the pixel count over any other class: drop secondaries that would
@@ -302,6 +312,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     shard_max_count: int = 1000,
     shard_max_bytes: int = 256 << 20,
+    colour_class_prior: float = 0.0,
 ) -> dict:
     """Write a shapes-world Dataset artifact (train + held-out eval split); returns the manifest.
 
@@ -316,8 +327,10 @@ def write_synthetic_dataset(
         raise InputError("n_eval", f"is {n_eval}", "0 or more")
     if size < 16:
         raise InputError("size", f"is {size}", "at least 16 pixels")
+    if not 0.0 <= colour_class_prior <= 1.0:
+        raise InputError("colour_class_prior", f"is {colour_class_prior}", "a probability in [0, 1]")
     config = {"generator": "shapes", "seed": seed, "size": size, "n_train": n_train, "n_eval": n_eval,
-              "eval_index_offset": EVAL_INDEX_OFFSET}
+              "eval_index_offset": EVAL_INDEX_OFFSET, "colour_class_prior": colour_class_prior}
     progress = _Progress(f"synth {out}", n_train + n_eval)
     done = 0
     with DatasetWriter(Path(out), stage="synth", config=config, max_count=shard_max_count,
@@ -325,7 +338,7 @@ def write_synthetic_dataset(
         for split, n, offset in (("train", n_train, 0), ("eval", n_eval, EVAL_INDEX_OFFSET)):
             for i in range(n):
                 index = offset + i
-                s = render_sample(seed, index, size)
+                s = render_sample(seed, index, size, colour_class_prior)
                 writer.add(split, ShardSample(
                     key=f"shapes-{index:010d}", image=encode_png(s.image), image_ext="png",
                     label=s.label, label_name=CLASSES[s.label], source=f"shapes:seed={seed}:index={index}",
