@@ -12,12 +12,7 @@ from typing import Any, TextIO
 
 from PIL import Image
 
-
-def _eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+from gramline.train.progress import format_eta
 
 
 class Progress:
@@ -41,7 +36,7 @@ class Progress:
         rate = (done - self.start_at) / max(now - self.t0, 1e-9)
         of = f"/{self.total}" if self.total else ""
         extra = f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
-        eta = f" | ETA {_eta((self.total - done) / rate)}" if self.total and rate > 0 else ""
+        eta = f" | ETA {format_eta((self.total - done) / rate)}" if self.total and rate > 0 else ""
         print(f"[curate] {self.step}: {done}{of}{extra} | {rate:.1f} img/s{eta}", file=self.stream, flush=True)
 
     def finish(self, counts: Mapping[str, int] | None = None) -> float:
