@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,16 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 32 + 8 image procedural Dataset at 32 px, for tests that only need some valid input."""
+    from gramline.data.synthetic import write_synthetic_dataset
+
+    path = tmp_path_factory.mktemp("small") / "dataset"
+    write_synthetic_dataset(path, n_train=32, n_eval=8, size=32, seed=0)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from gramline.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from gramline.train.checkpoint import latest_checkpoint
 
 PRETRAIN_STEPS = 20
 BATCH = 8
@@ -66,3 +70,17 @@ def stage_exit_code(main_cli, argv: Sequence[str]) -> int:  # type: ignore[no-un
     with pytest.raises(SystemExit) as exit_info:
         main_cli(list(argv))
     return int(exit_info.value.code or 0)
+
+
+def final_state(out: Path) -> dict:
+    """The model state of a stage run's latest checkpoint."""
+    path = latest_checkpoint(out / "state")
+    assert path is not None
+    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+
+
+def to_uint8(crops: torch.Tensor) -> np.ndarray:
+    """Normalised crops [N, 3, H, W] back to uint8 images [N, H, W, 3]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (crops * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from phase_run import BATCH, TinyRun, one_thread, sets, stage_exit_code, tiny_run
+from phase_run import BATCH, TinyRun, final_state, one_thread, sets, stage_exit_code, tiny_run, to_uint8
 from PIL import Image
 from safetensors.torch import load_file
 
 from gramline.artifacts import build_manifest, read_manifest, write_manifest
 from gramline.config import BackboneConfig, SSLConfig
-from gramline.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
+from gramline.data.augment import MultiCropAugment
 from gramline.data.collate import CropBatch, collate_crops
 from gramline.data.shards import iter_samples, open_dataset
 from gramline.losses.gram import gram_loss
@@ -51,18 +51,6 @@ def gram_argv(run: TinyRun, anchor_dir: Path | None, out: Path, overrides: list[
     if anchor_dir is not None:
         argv += ["--anchor", str(anchor_dir)]
     return argv + sets(overrides)
-
-
-def final_state(out: Path) -> dict:
-    path = latest_checkpoint(out / "state")
-    assert path is not None
-    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-
-
-def to_uint8(crops: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (crops * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # --------------------------------------------------------------------------- config

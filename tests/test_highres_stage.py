@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from phase_run import BATCH, TinyRun, one_thread, sets, stage_exit_code, tiny_run
+from phase_run import BATCH, TinyRun, final_state, one_thread, sets, stage_exit_code, tiny_run, to_uint8
 from PIL import Image
 from safetensors.torch import load_file
 from timm.layers import PatchEmbed
 
 from gramline.artifacts import read_manifest
-from gramline.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from gramline.data.shards import open_dataset
 from gramline.phase_presets import SCHEDULE_PATHS, load_highres_config
 from gramline.stages import anchor, gram, highres
@@ -49,18 +48,6 @@ def gram_model(run: TinyRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def argv(run: TinyRun, model: Path, out: Path, overrides: list[str]) -> list[str]:
     return ["--model", str(model), "--dataset", str(run.dataset), "--out-model", str(out), *sets(overrides)]
-
-
-def final_state(out: Path) -> dict:
-    path = latest_checkpoint(out / "state")
-    assert path is not None
-    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-
-
-def to_uint8(crops: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (crops * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # --------------------------------------------------------------------------- config and mixture

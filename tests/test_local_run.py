@@ -72,19 +72,10 @@ def test_stock_subprocess_runner_refuses_container_components_and_the_hook_allow
 # --------------------------------------------------------------------------- gramline rerun (process)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gramline.data.synthetic import write_synthetic_dataset
-
-    path = tmp_path_factory.mktemp("data") / "dataset"
-    write_synthetic_dataset(path, n_train=32, n_eval=8, size=32, seed=0)
-    return path
-
-
 @pytest.mark.slow
-def test_rerun_pretrain_as_a_process_on_local_directories(tmp_path: Path, dataset: Path) -> None:
+def test_rerun_pretrain_as_a_process_on_local_directories(tmp_path: Path, small_dataset: Path) -> None:
     out = tmp_path / "mine" / "model"
-    done = gramline("rerun", "pretrain", "--runner", "process", "--input", f"dataset={dataset}",
+    done = gramline("rerun", "pretrain", "--runner", "process", "--input", f"dataset={small_dataset}",
                     "--output", f"model={out}", "--set", "train.steps=2", "--set", "train.checkpoint_every=1",
                     "--set", "train.teacher_checkpoint_every=1", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -95,17 +86,17 @@ def test_rerun_pretrain_as_a_process_on_local_directories(tmp_path: Path, datase
     assert (out / "backbone.safetensors").is_file()
 
 
-def test_resolve_command_fills_every_placeholder(tmp_path: Path, dataset: Path) -> None:
+def test_resolve_command_fills_every_placeholder(tmp_path: Path, small_dataset: Path) -> None:
     from gramline.kfp.compiled import compile_in_memory
 
     pipeline = compile_in_memory("tiny", "gramline:0.1.0")
     out = tmp_path / "m"
-    command = local_run.resolve_command(pipeline, "pretrain", {"dataset": dataset}, {"model": out},
+    command = local_run.resolve_command(pipeline, "pretrain", {"dataset": small_dataset}, {"model": out},
                                         {"pretrain_overrides": {"train.steps": 3}}, tmp_path / "eo.json")
     assert command[:3] == ["python", "-m", "gramline.stages.pretrain"]
     assert not any("{{" in part for part in command)
     flags = dict(zip(command[3::2], command[4::2]))
-    assert flags["--dataset"] == str(dataset) and flags["--out-model"] == str(out)
+    assert flags["--dataset"] == str(small_dataset) and flags["--out-model"] == str(out)
     assert flags["--executor-output"] == str(tmp_path / "eo.json")
     assert flags["--output-uri"] == f"model={out}"
     assert flags["--preset"] == "tiny" and json.loads(flags["--overrides"]) == {"train.steps": 3}
@@ -124,8 +115,8 @@ def test_rerun_with_a_missing_input(tmp_path: Path) -> None:
     assert "stage pretrain needs dataset" in line
 
 
-def test_rerun_with_an_unknown_input_name(tmp_path: Path, dataset: Path) -> None:
-    line = one_error_line(gramline("rerun", "pretrain", "--runner", "process", "--input", f"data={dataset}",
+def test_rerun_with_an_unknown_input_name(tmp_path: Path, small_dataset: Path) -> None:
+    line = one_error_line(gramline("rerun", "pretrain", "--runner", "process", "--input", f"data={small_dataset}",
                                    cwd=tmp_path))
     assert "--input data: is not an input of stage pretrain" in line and "dataset" in line
 

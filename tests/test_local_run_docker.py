@@ -69,19 +69,10 @@ def test_image_runs_stages_as_a_non_root_user_without_an_entrypoint(client: obje
     assert uid != "0" and usage.startswith("usage: python -m gramline.stages.pretrain") and writable == "writable"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gramline.data.synthetic import write_synthetic_dataset
-
-    path = tmp_path_factory.mktemp("docker-data") / "dataset"
-    write_synthetic_dataset(path, n_train=32, n_eval=8, size=32, seed=0)
-    return path
-
-
 @pytest.mark.slow
-def test_rerun_one_stage_in_a_container_on_local_directories(image: str, dataset: Path, tmp_path: Path) -> None:
+def test_rerun_one_stage_in_a_container_on_local_directories(image: str, small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "outputs" / "model"
-    done = gramline("rerun", "pretrain", "--runner", "docker", "--image", image, "--input", f"dataset={dataset}",
+    done = gramline("rerun", "pretrain", "--runner", "docker", "--image", image, "--input", f"dataset={small_dataset}",
                     "--output", f"model={out}", "--set", "train.steps=2", "--set", "train.checkpoint_every=1",
                     "--gpus", "none", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -102,9 +93,9 @@ def test_tiny_dag_through_the_docker_runner(image: str, tmp_path: Path) -> None:
     check_dag_outputs(run_dir)
 
 
-def test_an_image_that_is_not_there_is_one_line(dataset: Path, tmp_path: Path) -> None:
+def test_an_image_that_is_not_there_is_one_line(small_dataset: Path, tmp_path: Path) -> None:
     done = gramline("rerun", "pretrain", "--runner", "docker", "--image", "gramline-missing:0.0.0",
-                    "--input", f"dataset={dataset}", cwd=tmp_path, timeout=300)
+                    "--input", f"dataset={small_dataset}", cwd=tmp_path, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "--image 'gramline-missing:0.0.0': is not a local image and could not be pulled" in lines[0]
