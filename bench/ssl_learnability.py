@@ -37,12 +37,12 @@ def targets(data_dir: Path, seed: int, colour_class_prior: float) -> tuple[Any, 
     """The eval split and, per target, integer labels re-rendered from each image's key."""
     import numpy as np
 
-    from gramline.data.synthetic import COLOURS, TEXTURES, render_sample
+    from gramline.data.synthetic import COLOURS, TEXTURES, key_index, render_sample
     from gramline.eval.features import load_eval_data
 
     data = load_eval_data(data_dir)
     size = int(data.images.shape[-1])
-    samples = [render_sample(seed, int(key.rsplit("-", 1)[1]), size, colour_class_prior) for key in data.keys]
+    samples = [render_sample(seed, key_index(key), size, colour_class_prior) for key in data.keys]
     colours = [name for name, _ in COLOURS]
     return data, {
         "class": data.labels,

@@ -281,6 +281,16 @@ def render_sample(seed: int, index: int, size: int = 64, colour_class_prior: flo
     )
 
 
+def sample_key(index: int) -> str:
+    """The shard key of render index `index`; `key_index` inverts it."""
+    return f"shapes-{index:010d}"
+
+
+def key_index(key: str) -> int:
+    """The render index behind a shapes-world shard key (to re-render the sample or its attributes)."""
+    return int(key.rsplit("-", 1)[1])
+
+
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
@@ -340,7 +350,7 @@ def write_synthetic_dataset(
                 index = offset + i
                 s = render_sample(seed, index, size, colour_class_prior)
                 writer.add(split, ShardSample(
-                    key=f"shapes-{index:010d}", image=encode_png(s.image), image_ext="png",
+                    key=sample_key(index), image=encode_png(s.image), image_ext="png",
                     label=s.label, label_name=CLASSES[s.label], source=f"shapes:seed={seed}:index={index}",
                     caption=s.caption, seg=encode_png(s.mask), width=size, height=size,
                     extra={"seed": seed, "render_index": index},
