@@ -131,6 +131,15 @@ def dump_config(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+def load_stage_config(cls: type[C], stage: str, preset: str, config_file: Path | str | None = None,
+                      overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None) -> C:
+    """A stage's config: `base` (e.g. the config of the run a stage continues) ← the stage's preset
+    `PRESETS[stage][preset]` ← YAML file ← dotted overrides."""
+    from gramline.presets import stage_preset
+
+    return resolve_config(cls, deep_merge(dict(base or {}), stage_preset(stage, preset)), config_file, overrides)
+
+
 # --------------------------------------------------------------------------- SSL recipe config
 
 
@@ -322,8 +331,4 @@ class SSLConfig(Strict):
 
 
 def load_ssl_config(preset: str, config_file: Path | str | None = None, overrides: Sequence[str] = ()) -> SSLConfig:
-    from gramline.presets import SSL_PRESETS
-
-    if preset not in SSL_PRESETS:
-        raise InputError("preset", f"{preset!r} is unknown", "one of " + ", ".join(sorted(SSL_PRESETS)))
-    return resolve_config(SSLConfig, {"preset": preset, **SSL_PRESETS[preset]}, config_file, overrides)
+    return load_stage_config(SSLConfig, "pretrain", preset, config_file, overrides)

@@ -166,85 +166,11 @@ class AnchorConfig(Strict):
 
 # --------------------------------------------------------------------------- presets
 
+from gramline.presets import PRESETS  # noqa: E402  (transitional)
 
-def _gram_preset(steps: int, ramp: int, refresh_at: list[int], lr: dict | None, checkpoint_every: int,
-                 teacher_every: int, log_every: int) -> dict[str, Any]:
-    return {
-        "phase": {"steps": steps, "weight": 2.0, "ramp_steps": ramp, "local_weight": 0.5, "refresh_at": refresh_at,
-                  "gram_size_factor": 2.0, "lr": lr},
-        "ema": {"momentum": schedule(start=0.999, peak=0.999, end=0.999)},
-        "crops": {"gram_no_distortions": True},
-        "gram": {"img_level": True, "normalize": True},
-        "train": {"checkpoint_every": checkpoint_every, "teacher_checkpoint_every": teacher_every,
-                  "log_every": log_every},
-    }
-
-
-# Recipe (gram_anchor): 200k steps after 1M, ramp 1k, refresh after +10k/+20k/+30k, LR 3e-5 (cfg).
-_GRAM_7B = _gram_preset(200_000, 1000, [10_000, 20_000, 30_000], schedule(start=3e-5, peak=3e-5, end=3e-5),
-                        checkpoint_every=1000, teacher_every=12_500, log_every=50)
-# S/B/L: 20% of the 125k pretraining as in 7B (200k/1M); the run's LR has decayed to 1e-6, so the
-# phase warms it up again to 1/5 of the pretraining peak.
-_GRAM_VIT = _gram_preset(25_000, 1000, [1250, 2500, 3750],
-                         schedule(start=1e-6, peak=2e-4, end=2e-4, warmup_steps=1000),
-                         checkpoint_every=2500, teacher_every=5000, log_every=50)
-GRAM_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": _gram_preset(40, 10, [20], None, checkpoint_every=20, teacher_every=20, log_every=5),
-    "vits16": _GRAM_VIT,
-    "vitb16": _GRAM_VIT,
-    "vitl16": _GRAM_VIT,
-    "vit7b16": _GRAM_7B,
-}
-
-# Recipe (high_res_adapt) resolution mixture: (global, local, gram) with probabilities. The recipe's
-# local 168 is not a multiple of 16 (its patch embedding drops the remainder); 160 here.
-_RECIPE_RESOLUTIONS = [
-    {"global_size": 512, "local_size": 112, "gram_size": 768, "weight": 0.3},
-    {"global_size": 768, "local_size": 112, "gram_size": 1152, "weight": 0.3},
-    {"global_size": 768, "local_size": 160, "gram_size": 1152, "weight": 0.3},
-    {"global_size": 768, "local_size": 224, "gram_size": 1152, "weight": 0.05},
-    {"global_size": 768, "local_size": 336, "gram_size": 1152, "weight": 0.05},
-]
-
-
-def _highres_preset(steps: int, lr_end: float, ramp: int, batch: int, resolutions: list[dict],
-                    checkpoint_every: int, teacher_every: int, log_every: int, img_size: int) -> dict[str, Any]:
-    """Recipe: Gram weight 1.5 (fixed teacher), DINO local 0.5, τ_t 0.07, momentum 0.999, WD 0.04,
-    LR half-cosine ramp 0 → end then constant, no last-layer freeze, KoLeo over groups of 16."""
-    return {
-        "phase": {"resolutions": resolutions, "gram_size_factor": 1.5, "koleo_group_size": 16},
-        "backbone": {"img_size": img_size},
-        "crops": {"gram_no_distortions": True},
-        "gram": {"enabled": True, "weight": schedule(start=1.5, peak=1.5, end=1.5), "img_level": True,
-                 "normalize": True},
-        "loss": {"teacher_temp": schedule(start=0.07, peak=0.07, end=0.07),
-                 "local_weight": schedule(start=0.5, peak=0.5, end=0.5)},
-        "optim": {"lr": schedule(start=0.0, peak=0.0, end=lr_end, cosine_steps=ramp),
-                  "weight_decay": schedule(start=0.04, peak=0.04, end=0.04), "freeze_last_layer_steps": 0},
-        "ema": {"momentum": schedule(start=0.999, peak=0.999, end=0.999)},
-        "train": {"steps": steps, "batch_size": batch, "checkpoint_every": checkpoint_every,
-                  "teacher_checkpoint_every": teacher_every, "log_every": log_every},
-    }
-
-
-_HIGHRES_VIT = _highres_preset(10_000, 1e-4, 3000, 8, _RECIPE_RESOLUTIONS, 250, 2500, 50, 768)
-HIGHRES_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": _highres_preset(40, 1e-3, 10, 16, [
-        {"global_size": 48, "local_size": 24, "weight": 0.5},  # Gram 72 = 1.5 x 48
-        {"global_size": 64, "local_size": 32, "weight": 0.5},  # Gram 96
-    ], checkpoint_every=20, teacher_every=20, log_every=5, img_size=64),
-    "vits16": _HIGHRES_VIT,
-    "vitb16": _HIGHRES_VIT,
-    "vitl16": _HIGHRES_VIT,
-    # 30k steps, 8 per GPU (2048 over 256 GPUs), LR end 1.25e-5 (cfg) = 7.07e-5 effective after 10k.
-    "vit7b16": _highres_preset(30_000, 1.25e-5, 10_000, 8, _RECIPE_RESOLUTIONS, 250, 2500, 50, 768),
-}
-
-ANCHOR_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"anchor": {"images": 32, "batch_size": 32, "threads": 1}},
-    **{name: {"anchor": {"images": 256, "batch_size": 64}} for name in ("vits16", "vitb16", "vitl16")},
-    "vit7b16": {"anchor": {"images": 256, "batch_size": 16}},
-}
+GRAM_PRESETS = PRESETS["gram"]
+HIGHRES_PRESETS = PRESETS["highres"]
+ANCHOR_PRESETS = PRESETS["anchor"]
 
 
 def _preset(table: Mapping[str, dict], stage: str, name: str) -> dict[str, Any]:

@@ -146,37 +146,8 @@ class CurateConfig(Strict):
         return self
 
 
-CURATE_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU/CI: small chunks, colour-layout embeddings, a two-level tree.
-    "tiny": {
-        "ingest": {"chunk_size": 256},
-        "images": {"min_side": 16},
-        "cluster": {"points_per_leaf": 20, "branching": 5, "n_levels": 2, "n_iter": 20, "n_init": 3,
-                    "resampling_steps": [1, 5]},
-        "balance": {"target": 0.8},
-        "split": {"eval_fraction": 0.1},
-        "output": {"max_count": 1000, "max_bytes": 256 << 20},
-    },
-    # Millions of web images on a GPU node: DINOv3 ViT-S/16 embeddings (downloaded by timm, or a
-    # local file via embed.weights), a 4-level tree in the shape of Vo et al.'s web config
-    # (reference data.md §1.2: 1 / 10 / 10 / 10 resampling steps), half the pool kept, ~1 GB shards.
-    "large": {
-        "ingest": {"chunk_size": 4096},
-        "images": {"min_side": 64, "max_side": 1024},
-        "dedup": {"ivf_min_size": 20_000, "nprobe": 16},
-        "embed": {"backbone": "timm:vit_small_patch16_dinov3", "pretrained": True, "img_size": 224,
-                  "batch_size": 256},
-        "cluster": {"points_per_leaf": 50, "branching": 10, "n_levels": 4, "n_iter": 50, "n_init": 1,
-                    "resampling_steps": [1, 10, 10, 10]},
-        "balance": {"target": 0.5},
-        "split": {"eval_fraction": 0.01, "eval_max": 50_000},
-        "output": {"max_count": 10_000, "max_bytes": 1 << 30},
-    },
-}
-
-
 def load_curate_config(preset: str, config_file: Path | str | None = None,
                        overrides: Sequence[str] = ()) -> CurateConfig:
-    if preset not in CURATE_PRESETS:
-        raise InputError("--preset", f"{preset!r} is unknown", "one of " + ", ".join(sorted(CURATE_PRESETS)))
-    return resolve_config(CurateConfig, {"preset": preset, **CURATE_PRESETS[preset]}, config_file, overrides)
+    from gramline.config import load_stage_config
+
+    return load_stage_config(CurateConfig, "curate", preset, config_file, overrides)

@@ -93,6 +93,7 @@ class ZeroShotSettings(Strict):
 
 
 class BenchmarkConfig(Strict):
+    preset: str = "custom"
     seed: int = 0
     batch_size: int = 64
     max_images: int | None = None  # cap on eval images (the first N in dataset order)
@@ -129,15 +130,9 @@ class BenchmarkConfig(Strict):
 
 
 def load_benchmark_config(preset: str, config_file: Path | None, overrides: Sequence[str]) -> BenchmarkConfig:
-    """Presets share names with the SSL presets; a preset fixes the random baseline's input size."""
-    from gramline.presets import SSL_PRESETS
+    from gramline.config import load_stage_config
 
-    if preset not in SSL_PRESETS:
-        raise InputError("--preset", f"{preset!r} is unknown", "one of " + ", ".join(sorted(SSL_PRESETS)))
-    base: dict[str, Any] = {"random_img_size": SSL_PRESETS[preset].get("backbone", {}).get("img_size", 64)}
-    if preset == "tiny":
-        base["threads"] = 1
-    return resolve_config(BenchmarkConfig, base, config_file, overrides)
+    return load_stage_config(BenchmarkConfig, "benchmark", preset, config_file, overrides)
 
 
 # --------------------------------------------------------------------------- the run
