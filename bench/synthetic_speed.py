@@ -32,7 +32,7 @@ def _rate(fn, n: int) -> str:
 
 
 def speed(n: int) -> None:
-    from gramline.data.shards import iter_samples, open_dataset
+    from gramline.data.reader import iter_samples, open_dataset
     from gramline.data.synthetic import encode_png, render_sample, write_synthetic_dataset
 
     for size in (32, 64, 128):

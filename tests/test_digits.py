@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from gramline.cli import main as cli_main
 from gramline.data.digits import write_digits_dataset
-from gramline.data.shards import iter_samples, open_dataset
+from gramline.data.reader import iter_samples, open_dataset
 from gramline.errors import InputError
 
 

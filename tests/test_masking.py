@@ -1,4 +1,4 @@
-"""iBOT block masks and per-batch mask sampling (reference dinov3_recipe.md §1.3)."""
+"""iBOT block masks and per-batch mask sampling (official `dinov3/data/masking.py`)."""
 
 from __future__ import annotations
 

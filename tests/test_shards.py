@@ -15,14 +15,9 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
-from gramline.data.shards import (
-    DatasetWriter,
-    ShardSample,
-    ShardStream,
-    count_samples,
-    iter_samples,
-    open_dataset,
-)
+from gramline.data.reader import count_samples, iter_samples, open_dataset
+from gramline.data.stream import ShardStream
+from gramline.data.writer import DatasetWriter, ShardSample
 from gramline.errors import InputError
 
 CLASSES = ["zero", "one", "two"]
@@ -333,11 +328,11 @@ def test_resume_sample_split_and_odd_position(one_shard: Path) -> None:
 
 
 def test_resume_skips_without_decoding(five_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gramline.data import shards
+    from gramline.data import stream as stream_module
 
     calls = []
-    real = shards.decode_image
-    monkeypatch.setattr(shards, "decode_image", lambda data: calls.append(1) or real(data))
+    real = stream_module.decode_image
+    monkeypatch.setattr(stream_module, "decode_image", lambda data: calls.append(1) or real(data))
     stream = _stream(five_shards, seed=0, start_position=500)
     list(itertools.islice(stream, 10))
     assert len(calls) == 10
@@ -373,7 +368,7 @@ def test_stream_bad_inputs(five_shards: Path, tmp_path: Path) -> None:
 
 def test_streams_that_cannot_seek_read_the_same(five_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Object-store readers (s3://) are forward-only; skipping then reads past members."""
-    from gramline.data import shards
+    from gramline.data import reader
 
     class ForwardOnly(io.RawIOBase):
         def __init__(self, path: str) -> None:
@@ -394,7 +389,7 @@ def test_streams_that_cannot_seek_read_the_same(five_shards: Path, monkeypatch: 
 
     kw = {"seed": 9, "rank": 1, "world_size": 2, "batch_size": 2, "start_position": 13}
     ref = [(s["key"], s["index"]) for s in itertools.islice(_stream(five_shards, **kw), 30)]
-    monkeypatch.setattr(shards, "open_url", ForwardOnly)
+    monkeypatch.setattr(reader, "open_url", ForwardOnly)
     assert [(s["key"], s["index"]) for s in itertools.islice(_stream(five_shards, **kw), 30)] == ref
 
 

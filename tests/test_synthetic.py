@@ -13,7 +13,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from gramline.cli import main as cli_main
-from gramline.data.shards import iter_samples, open_dataset
+from gramline.data.reader import iter_samples, open_dataset
 from gramline.data.synthetic import (
     CLASSES,
     COLOURS,

@@ -1,4 +1,9 @@
-"""DINOv3 multi-crop augmentation with Gram-teacher crops (reference dinov3_recipe.md §4, §1.5).
+"""DINOv3 multi-crop augmentation with Gram-teacher crops.
+
+The recipe of the DINOv3 paper (arXiv 2508.10104) as the official code applies it
+(`DataAugmentationDINO` in facebookresearch/dinov3, `dinov3/data/augmentations.py`): two global and
+n local random-resized crops with flips, colour jitter, grayscale, blur and (second global crop)
+solarize, and optional Gram-teacher crops that share the global crops' geometry.
 
 Every random decision is drawn first, from `random.Random(seed)` only, into an `AugmentParams`
 record (`MultiCropAugment.params`); the record is then applied to the image. The same
@@ -6,8 +11,8 @@ record (`MultiCropAugment.params`); the record is then applied to the image. The
 makes the sampled decisions testable without image statistics.
 
 Crops are processed as PIL images (fast) and converted to normalised tensors at the end. Blur is
-PIL's `ImageFilter.GaussianBlur` (about 5x faster than torchvision's, reference data.md §6), with
-σ mapped to the standard deviation of the recipe's truncated 9x9 kernel so the two agree.
+PIL's `ImageFilter.GaussianBlur` (faster than torchvision's: bench/augment_speed.py, docs/data.md),
+with σ mapped to the standard deviation of the recipe's truncated 9x9 kernel so the two agree.
 """
 
 from __future__ import annotations
@@ -23,19 +28,18 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from gramline.config import CropsConfig
+from gramline.data.config import CropsConfig
 from gramline.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RATIO = (3 / 4, 4 / 3)
-JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_KERNEL = 9
 SOLARIZE_THRESHOLD = 128
 # (global 1, global 2, locals): intended recipe, and what the official code applies (its
-# GaussianBlur wrapper passes 1-p to RandomApply, reference §4).
+# GaussianBlur wrapper in dinov3/data/transforms.py passes 1-p to RandomApply).
 BLUR_P = {"intended": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
 
 Box = tuple[float, float, float, float]
@@ -120,8 +124,9 @@ def pil_gaussian_blur(img: Image.Image, sigma: float, scale: float = 1.0) -> Ima
     return img.filter(ImageFilter.GaussianBlur(effective_blur_sigma(sigma) * scale))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Validate a source image and return it in RGB."""
+def checked_rgb(image: Image.Image) -> Image.Image:
+    """The augmentation's input, checked to be a PIL image of at least 1x1 pixels, in RGB (Pillow's
+    plain conversion; gramline.data.validate converts source images at curation)."""
     if not isinstance(image, Image.Image):
         raise InputError("image", f"is a {type(image).__name__}", "a PIL.Image.Image")
     width, height = image.size
@@ -137,7 +142,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class MultiCropAugment:
-    """2 global + n local crops (+ Gram-teacher crops) per image, as in reference §4."""
+    """2 global + n local crops (+ Gram-teacher crops) per image, as `DataAugmentationDINO` makes them."""
 
     def __init__(self, crops: CropsConfig, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
@@ -187,7 +192,7 @@ class MultiCropAugment:
     # ------------------------------------------------------------------ application
 
     def __call__(self, image: Image.Image, seed: int) -> CropSet:
-        image = to_rgb(image)
+        image = checked_rgb(image)
         ops = self.params(image.size, seed)
         c = self.crops
         global_crops, gram_crops = [], []

@@ -8,8 +8,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from gramline.config import MaskingConfig
 from gramline.data.augment import CropSet
+from gramline.data.config import MaskingConfig
 from gramline.data.masking import sample_batch_masks
 from gramline.errors import InputError
 

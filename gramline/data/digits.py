@@ -14,8 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from gramline.data.shards import DatasetWriter, ShardSample
 from gramline.data.synthetic import encode_png
+from gramline.data.writer import DatasetWriter, ShardSample
 from gramline.errors import InputError
 
 CLASSES = [str(d) for d in range(10)]

@@ -1,5 +1,7 @@
-"""iBOT mask sampling (reference dinov3_recipe.md §1.3): BEiT-style block masks with an exact
-patch count, and the stratified per-batch assignment of mask ratios to half the global crops.
+"""iBOT mask sampling as in the DINOv3 recipe (arXiv 2508.10104): BEiT-style block masks with an
+exact patch count (`MaskingGenerator` in facebookresearch/dinov3, `dinov3/data/masking.py`), and the
+stratified per-batch assignment of mask ratios to half the global crops (`collate_data_and_cast` in
+`dinov3/data/collate.py`).
 
 All randomness comes from the numpy Generator passed in, never from global state.
 """

@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 import boto3
@@ -240,9 +240,3 @@ def delete_prefix(url: str) -> int:
         batch = [{"Key": key} for key in keys[start:start + 1000]]
         client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
     return len(keys)
-
-
-def iter_urls(url: str) -> Iterator[str]:
-    bucket, _ = split_url(url)
-    for key, _size in list_objects(url):
-        yield f"s3://{bucket}/{key}"

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from gramline.errors import InputError
+from gramline.progress import Progress
 
 CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent", "heart", "arrow",
@@ -297,23 +296,6 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
     return buf.getvalue()
 
 
-class _Progress:
-    """Prints `done/total (rate/s, ETA)` at most every `every_s` seconds and once at the end."""
-
-    def __init__(self, what: str, total: int, every_s: float = 2.0) -> None:
-        self.what, self.total, self.every_s = what, total, every_s
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if done < self.total and now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        print(f"{self.what}: {done}/{self.total} ({rate:.0f}/s, ETA {eta:.0f} s)", file=sys.stderr, flush=True)
-
-
 def write_synthetic_dataset(
     out: Path,
     n_train: int,
@@ -329,7 +311,7 @@ def write_synthetic_dataset(
     Train uses render indices [0, n_train), eval [EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + n_eval),
     so the eval images are the same whatever n_train is, and never appear in train.
     """
-    from gramline.data.shards import DatasetWriter, ShardSample
+    from gramline.data.writer import DatasetWriter, ShardSample
 
     if not 1 <= n_train < EVAL_INDEX_OFFSET:
         raise InputError("n_train", f"is {n_train}", f"an integer in [1, {EVAL_INDEX_OFFSET})")
@@ -341,7 +323,7 @@ def write_synthetic_dataset(
         raise InputError("colour_class_prior", f"is {colour_class_prior}", "a probability in [0, 1]")
     config = {"generator": "shapes", "seed": seed, "size": size, "n_train": n_train, "n_eval": n_eval,
               "eval_index_offset": EVAL_INDEX_OFFSET, "colour_class_prior": colour_class_prior}
-    progress = _Progress(f"synth {out}", n_train + n_eval)
+    progress = Progress("synth", what=str(out), total=n_train + n_eval, unit="img", every_s=2.0)
     done = 0
     with DatasetWriter(Path(out), stage="synth", config=config, max_count=shard_max_count,
                        max_bytes=shard_max_bytes) as writer:
@@ -357,4 +339,5 @@ def write_synthetic_dataset(
                 ))
                 done += 1
                 progress.update(done)
+        progress.finish()
         return writer.close(classes=list(CLASSES), stats={"generator": config})

@@ -1,0 +1,35 @@
+"""Config sections of the training data: multi-crop augmentation, iBOT masking, the loader."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from gramline.config import Strict
+
+
+class CropsConfig(Strict):
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    horizontal_flip: bool = True
+    color_jitter_p: float = 0.8
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    grayscale_p: float = 0.2
+    blur_mode: Literal["intended", "official"] = "intended"
+    solarize_p: float = 0.2
+    gram_size: int | None = None  # side of the Gram teacher's crops (None: no Gram crops)
+    gram_no_distortions: bool = True
+
+
+class MaskingConfig(Strict):
+    sample_probability: float = 0.5
+    min_ratio: float = 0.1
+    max_ratio: float = 0.5
+
+
+class LoaderConfig(Strict):
+    sampling: Literal["shuffle", "resample"] = "shuffle"  # training streams never end
+    shuffle_buffer: int = 512
+    num_workers: int = 0
