@@ -7,7 +7,7 @@ Prints, in one run on this machine:
    layout) in images/s on one core, and with one thread per core;
 2. near-duplicate search (every view of every image against all whole views, cosine >= 0.91):
    faiss exact vs torch matmul at --neardup-n images, and faiss IVF at --ivf-n images;
-3. hierarchical k-means with resampling (gramline.data.cluster) on --kmeans-n x --dim
+3. hierarchical k-means with resampling (gramline.curate.cluster) on --kmeans-n x --dim
    embeddings vs one flat faiss.Kmeans with as many clusters as its lowest level, same data and
    iterations, plus balanced sampling.
 Each timing is given as wall seconds and process CPU seconds (all threads). On a shared, loaded
@@ -30,10 +30,10 @@ import numpy as np
 import torch  # noqa: F401  (imported before any timing)
 from PIL import Image
 
-from gramline.data.cluster import balanced_sample, hierarchical_kmeans
-from gramline.data.dedup import DESCRIPTOR_DIM, descriptor_views, near_duplicates
-from gramline.data.embed import colour_layout
-from gramline.data.validate import ValidImage, validate_image
+from gramline.curate.cluster import balanced_sample, hierarchical_kmeans
+from gramline.curate.dedup import DESCRIPTOR_DIM, descriptor_views, near_duplicates
+from gramline.curate.embed import colour_layout
+from gramline.curate.validate import ValidImage, validate_image
 
 
 class Timer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gramline.data.cluster import (
+from gramline.curate.cluster import (
     auto_levels,
     balanced_sample,
     find_cap,

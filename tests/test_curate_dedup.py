@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from gramline.data.dedup import contaminated, descriptor_views, exact_duplicates, near_duplicates
+from gramline.curate.dedup import contaminated, descriptor_views, exact_duplicates, near_duplicates
 from gramline.data.synthetic import render_sample
 
 THRESHOLD = 0.91  # the default dedup.threshold

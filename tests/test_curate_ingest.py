@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from gramline.curate.sources import open_source
 from gramline.data import s3
-from gramline.data.ingest import open_source
 from gramline.data.storage import open_url
 from gramline.errors import InputError
 

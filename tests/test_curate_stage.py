@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 from test_curate_dedup import make_copy, pair_precision_recall, scene
 from test_curate_validate import _png_header_only
 
-from gramline.data.embed import build_embedder
-from gramline.data.shards import iter_samples, open_dataset
+from gramline.curate.embed import build_embedder
+from gramline.data.reader import iter_samples, open_dataset
 from gramline.stages import curate as stage
 
 REPO = Path(__file__).resolve().parents[1]

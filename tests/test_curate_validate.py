@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gramline.data.validate import REASONS, Rejection, ValidImage, validate_image
+from gramline.curate.validate import REASONS, Rejection, ValidImage, validate_image
 
 
 def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:

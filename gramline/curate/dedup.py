@@ -1,28 +1,26 @@
 """Exact and near-duplicate detection, and decontamination against an eval split.
 
-Near-duplicates use a copy-detection descriptor that needs no trained weights (no download is
-possible here, and a random-init network is no copy detector): luma on a 16x16 grid plus chroma
-on an 8x8 grid (weighted x2), each channel's mean removed, L2-normalised, 384 numbers. It
-describes layout: resizing and re-encoding leave it almost unchanged, and so do brightness and
-colour shifts (a recoloured copy is a copy, as in SSCD's training augmentations). Removing the
-chroma means matters: otherwise every picture with the same background colour looks alike. A
-crop shifts and zooms the layout, so each image also gets `grid`² sub-views at `scale` of its
-size (a 3x3 grid of 90% crops): a copy cropped by a few per cent on any side lines up with one of
-them. Two images match when any view of one and the whole view of the other have cosine >=
-threshold. The index holds whole views only (n x 384); every view is a query.
-
-Measured here (tests/test_curate_dedup.py: 200 scenes + 100 shapes-world images + 150 copies
-resized to 40-80%, re-encoded as JPEG q40-90 and/or cropped 3-8% per side): copy pairs score
->= 0.914 (99% >= 0.93), distinct pairs <= 0.83; on 500 shapes-world images and 300 same-palette
-images (hard negatives) the closest distinct pairs score 0.89 and 0.90. Default threshold 0.91.
-A trained copy detector (SSCD, as DINOv2 used) separates harder cases (same layout, different
-content) better; none can be downloaded here, and this descriptor sees only layout and colour at
-low resolution.
+Near-duplicates use a copy-detection descriptor that needs no trained weights (so that dedup works
+offline; a random-init network is no copy detector): luma on a 16x16 grid plus chroma on an
+8x8 grid (weighted x2), each channel's mean removed, L2-normalised, 384 numbers. It describes
+layout: resizing and re-encoding leave it almost unchanged, and so do brightness and colour shifts
+(a recoloured copy is a copy, as in the training augmentations of SSCD, Pizzi et al. 2022, "A
+self-supervised descriptor for image copy detection", arXiv 2202.10261). Removing the chroma means
+matters: otherwise every picture with the same background colour looks alike. A crop shifts and
+zooms the layout, so each image also gets `grid`² sub-views at `scale` of its size (a 3x3 grid of
+90% crops): a copy cropped by a few per cent on any side lines up with one of them. Two images
+match when any view of one and the whole view of the other have cosine >= threshold. The index
+holds whole views only (n x 384); every view is a query. The default threshold (0.91) lies between
+the scores of copy pairs and of distinct pairs; the measurements are in docs/curate.md. A trained
+copy detector (SSCD, which DINOv2 used) separates harder cases (same layout, different content)
+better; this descriptor sees only layout and colour at low resolution.
 
 Matches become graph edges; connected components keep one representative (highest caller
-priority, in the stage the largest image, then the largest file; ties: earliest), as in DINOv2's
-deduplication (reference data.md §2). Search: an exact chunked torch matmul, or faiss (IVF from
-`ivf_min_size` database images on; exact below that when asked for explicitly).
+priority, in curation the largest image, then the largest file; ties: earliest), as in the
+deduplication of DINOv2's data pipeline (Oquab et al. 2023, "DINOv2: Learning robust visual
+features without supervision", arXiv 2304.07193, section 3 and appendix A). Search: an exact
+chunked torch matmul, or faiss (IVF from `ivf_min_size` database images on; exact below that when
+asked for explicitly).
 """
 
 from __future__ import annotations
@@ -46,6 +44,11 @@ Backend = Literal["auto", "faiss", "torch"]
 
 
 THUMB = 80  # descriptor thumbnail side; 90% views are then 72 px at integer offsets
+
+
+def view_count(grid: int) -> int:
+    """Views per image: the whole image, plus the grid x grid sub-views when `grid` > 1."""
+    return 1 + grid**2 if grid > 1 else 1
 
 
 def _view_boxes(grid: int, scale: float) -> np.ndarray:
@@ -96,7 +99,7 @@ def descriptor_views(image: Image.Image, grid: int = 3, scale: float = 0.9) -> n
 
 def _faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError:
         return False
     return True
@@ -109,10 +112,9 @@ def _build_index(db: np.ndarray, backend: Backend, ivf_min_size: int, nprobe: in
     """A range-search function over the L2-normalised rows of `db`: (queries, threshold) →
     (query row, database row, cosine) for every pair with cosine >= threshold.
 
-    "auto": exact torch matmul below `ivf_min_size` database rows, faiss IVF from there on (when
-    faiss is installed). Measured in bench/curate.py (CPU seconds, 10 views per image): 10k images
-    exact torch 13 s vs exact faiss 37 s; 100k images faiss IVF (nprobe 16) 198 s, every injected
-    copy found, where exact search grows as n² (~1300 s).
+    "auto": exact torch matmul below `ivf_min_size` database rows (faster than exact faiss there),
+    faiss IVF from there on when faiss is installed (exact search grows as n²; bench/curate.py
+    compares them, docs/curate.md has numbers).
     """
     if backend == "torch" or (backend == "auto" and (len(db) < ivf_min_size or not _faiss_available())):
         return _torch_index(db)
@@ -168,13 +170,6 @@ def _torch_index(db: np.ndarray, score_bytes: int = 256 << 20) -> RangeFn:
         return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
 
     return search
-
-
-def range_pairs(queries: np.ndarray, database: np.ndarray, threshold: float, backend: Backend = "auto",
-                ivf_min_size: int = 20_000, nprobe: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All (query row, database row, cosine) with cosine >= threshold; rows are L2-normalised."""
-    return _build_index(np.ascontiguousarray(database, dtype=np.float32), backend, ivf_min_size, nprobe)(
-        queries, threshold)
 
 
 # --------------------------------------------------------------------------- dedup

@@ -1,7 +1,7 @@
 """Decode and check one image: full Pillow decode, EXIF orientation, RGB conversion, size limits.
 
-A bad input is never fatal: `validate_image` returns a `Rejection` with one of `REASONS`, which the
-stage records in `quarantine.parquet`. A good one comes back as RGB pixels, the bytes to store
+A bad input is never fatal: `validate_image` returns a `Rejection` with one of `REASONS`, which curation
+records in `quarantine.parquet`. A good one comes back as RGB pixels, the bytes to store
 (the original file when it already is an upright RGB JPEG/PNG, else a re-encode), and two hashes:
 `pixel_sha256` over the decoded pixels (used for exact dedup: it also catches the same picture in
 another container or with different metadata) and `file_sha256` over the input bytes.
@@ -22,8 +22,8 @@ REASONS = (
     "non-image",        # not a format Pillow knows
     "truncated",        # a known image format that ends early
     "corrupt",          # a known image format that fails to decode
-    "too-small",        # shorter side below validate.min_side
-    "too-many-pixels",  # width*height above validate.max_pixels (decompression bombs)
+    "too-small",        # shorter side below images.min_side
+    "too-many-pixels",  # width*height above images.max_pixels (decompression bombs)
     "path-traversal",   # tar member with an absolute path or '..'
     "not-a-file",       # tar member that is a link, device or fifo
     "unreadable",       # listed in a manifest but missing or unreadable
@@ -60,15 +60,15 @@ def _looks_like_image(data: bytes) -> bool:
     return any(data.startswith(sig) for sig in _SIGNATURES)
 
 
-def _decode_failure(err: BaseException, data: bytes) -> Rejection:
+def _decode_failure(err: BaseException) -> Rejection:
     text = f"{type(err).__name__}: {err}"
     if isinstance(err, EOFError) or "truncated" in str(err).lower() or "premature end" in str(err).lower():
         return Rejection("truncated", text)
     return Rejection("corrupt", text)
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB the way a viewer shows it.
+def flatten_to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way a viewer shows it, flattening transparency.
 
     Transparent pixels are composited over `background` (dropping alpha would expose whatever colour
     the encoder left under them); 16-bit grey is scaled by 1/257 rather than clipped at 255; float
@@ -135,10 +135,10 @@ def validate_image(
         return Rejection("too-many-pixels", str(err))
     except UnidentifiedImageError as err:
         if _looks_like_image(data):
-            return _decode_failure(err, data)
+            return _decode_failure(err)
         return Rejection("non-image", "not a recognised image format")
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        return _decode_failure(err, data)
+        return _decode_failure(err)
     source_format, source_mode = image.format or "unknown", image.mode
     width, height = image.size
     if width * height > max_pixels:
@@ -152,17 +152,17 @@ def validate_image(
     except Image.DecompressionBombError as err:
         return Rejection("too-many-pixels", str(err))
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError, TypeError) as err:
-        return _decode_failure(err, data)
+        return _decode_failure(err)
 
     try:
         upright = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block is not a broken image  # noqa: BLE001
+    except Exception:  # a broken EXIF block is not a broken image
         upright = image
     rotated = _has_orientation(image)
     try:
-        rgb = to_rgb(upright, background)
+        rgb = flatten_to_rgb(upright, background)
     except (OSError, ValueError) as err:
-        return _decode_failure(err, data)
+        return _decode_failure(err)
     resized = False
     if max_side is not None and max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
@@ -190,5 +190,5 @@ def _has_orientation(image: Image.Image) -> bool:
     """True when EXIF asks for a flip or rotation (orientation 2..8)."""
     try:
         return int(image.getexif().get(0x0112, 1)) not in (0, 1)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False

@@ -1,4 +1,4 @@
-"""Ingest: every kind of `--source` behind one interface that yields `Item`s in a fixed order.
+"""Curation sources: every kind of `--source` behind one interface that yields `Item`s in a fixed order.
 
 Kinds (picked from the URI, then from the content):
 - a local directory: every file below it, recursively, in sorted order; images are recognised by
@@ -25,7 +25,7 @@ import os
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,7 +62,6 @@ class Item:
     rejection: tuple[str, str] | None = None  # (reason, detail) found while listing
     label_name: str = ""
     caption: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -164,7 +163,7 @@ class S3PrefixSource:
 
 
 class TarSource:
-    def __init__(self, uri: str, opener: Callable[[], Any], size: int | None = None) -> None:
+    def __init__(self, uri: str, opener: Callable[[], Any]) -> None:
         self.uri, self.opener = uri, opener
         try:
             with self.opener() as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:

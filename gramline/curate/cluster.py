@@ -1,6 +1,9 @@
-"""Hierarchical k-means with resampling and balanced hierarchical sampling (Vo et al. 2024).
+"""Step 4b, cluster + balance: hierarchical k-means with resampling, then balanced hierarchical
+sampling, after Vo et al. 2024, "Automatic data curation for self-supervised learning" (arXiv
+2405.15613).
 
-Reimplemented from the description in reference data.md §1 (the reference code is CC-BY-NC):
+Reimplemented from the paper's description (the official code, facebookresearch/ssl-data-curation,
+is CC-BY-NC, so none of it is used here):
 - The tree is built bottom-up: level 1 clusters the points, level t+1 clusters level t's centroids.
 - Each level runs k-means (k-means++ init up to 1024 clusters, Lloyd iterations, float64
   centroid sums), then `resampling_steps - 1` times: take the `sample_size` points closest to
@@ -28,6 +31,11 @@ from typing import Literal
 import numpy as np
 import scipy.sparse
 
+from gramline.curate.config import CurateConfig
+from gramline.curate.log import log
+from gramline.curate.split import Selection
+from gramline.curate.workdir import WorkDir, save_npz
+
 Backend = Literal["auto", "faiss", "torch"]
 
 
@@ -38,7 +46,7 @@ def _resolve(backend: Backend) -> str:
     if backend != "auto":
         return backend
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError:
         return "torch"
     return "faiss"
@@ -113,26 +121,24 @@ class KMeansResult:
     centroids: np.ndarray  # [k, d] float32
     labels: np.ndarray     # [n] int64
     distances: np.ndarray  # [n] squared L2 to own centroid
-    iterations: int
 
 
-def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, init: np.ndarray | None = None,
-           backend: Backend = "auto", n_init: int = 1) -> KMeansResult:
+def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, backend: Backend = "auto",
+           n_init: int = 1) -> KMeansResult:
     """Lloyd's k-means; empty clusters are re-seeded with the points farthest from their centroid.
 
-    With `n_init` > 1 (and no `init`), the best of that many seeded runs (lowest inertia).
+    With `n_init` > 1, the best of that many seeded runs (lowest inertia).
     """
-    if n_init > 1 and init is None:
-        runs = [kmeans(x, k, n_iter, seed + 7919 * r, None, backend) for r in range(n_init)]
+    if n_init > 1:
+        runs = [kmeans(x, k, n_iter, seed + 7919 * r, backend) for r in range(n_init)]
         return min(runs, key=lambda run: float(run.distances.astype(np.float64).sum()))
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of points {n}")
-    centroids = (init if init is not None else _init_centroids(x, k, seed)).astype(np.float32)
+    centroids = _init_centroids(x, k, seed).astype(np.float32)
     labels, dist = assign(x, centroids, backend)
-    it = 0
-    for it in range(1, n_iter + 1):
+    for _ in range(n_iter):
         sums, counts = _centroid_sums(x, labels, k)
         empty = np.flatnonzero(counts == 0)
         new = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
@@ -145,7 +151,7 @@ def kmeans(x: np.ndarray, k: int, n_iter: int = 20, seed: int = 0, init: np.ndar
         labels = new_labels
         if changed == 0 and not len(empty):
             break
-    return KMeansResult(centroids=centroids, labels=labels, distances=dist, iterations=it)
+    return KMeansResult(centroids=centroids, labels=labels, distances=dist)
 
 
 def _resample(labels: np.ndarray, dist: np.ndarray, k: int, sample_size: int,
@@ -169,17 +175,11 @@ class Level:
     centroids: np.ndarray  # [k_l, d]
     labels: np.ndarray     # [n_{l-1}]: cluster of each item of the level below (points for level 1)
     distances: np.ndarray  # [n_{l-1}]
-    sample_size: int
-    resampling_steps: int
 
 
 @dataclass
 class ClusterTree:
     levels: list[Level] = field(default_factory=list)
-
-    @property
-    def n_points(self) -> int:
-        return len(self.levels[0].labels)
 
     def paths(self) -> np.ndarray:
         """[n_points, L] cluster id of each point at every level (column 0 = level 1)."""
@@ -237,8 +237,8 @@ def hierarchical_kmeans(
             sub = kmeans(points[subset], k, n_iter, seed=seed + depth + 1000 * (step + 1), backend=backend,
                          n_init=n_init)
             labels, dist = assign(points, sub.centroids, backend)
-            result = KMeansResult(sub.centroids, labels, dist, sub.iterations)
-        tree.levels.append(Level(result.centroids, result.labels, result.distances, sample_size, steps[depth]))
+            result = KMeansResult(sub.centroids, labels, dist)
+        tree.levels.append(Level(result.centroids, result.labels, result.distances))
         if log:
             counts = np.bincount(result.labels, minlength=k)
             print(f"[curate] k-means level {depth + 1}: {len(points)} items -> {k} clusters "
@@ -313,3 +313,40 @@ def size_summary(counts: np.ndarray) -> dict[str, float]:
     return {"clusters": n, "min": float(counts[0]), "median": float(np.median(counts)),
             "p99": float(np.percentile(counts, 99)), "max": float(counts[-1]),
             "max_over_min": float(counts[-1] / counts[0]), "gini": round(gini, 4)}
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@dataclass
+class Balanced:
+    pool_rows: np.ndarray   # row of each pool item
+    paths: np.ndarray       # [n_pool, L] cluster ids, column 0 = level 1
+    selected: np.ndarray    # positions into pool_rows
+    levels: list[int]
+
+
+def cluster_and_balance(cfg: CurateConfig, work: WorkDir, sel: Selection, embeddings: np.ndarray) -> Balanced:
+    """Cluster the train pool's embeddings and sample `balance.target` of it (cached in the work dir)."""
+    pool_rows = np.flatnonzero(sel.pool_mask)
+    cache = work.cluster_cache
+    if cache.is_file():
+        saved = np.load(cache)
+        return Balanced(pool_rows, saved["paths"], saved["selected"], saved["levels"].tolist())
+    n = len(pool_rows)
+    c = cfg.cluster
+    target = round(cfg.balance.target * n) if cfg.balance.target <= 1 else min(int(cfg.balance.target), n)
+    if n < 2:
+        paths, selected, levels = np.zeros((n, 1), np.int64), np.arange(n), [n]
+    else:
+        levels = list(c.levels) or auto_levels(n, c.points_per_leaf, c.branching, c.n_levels)
+        steps = c.resampling_steps * len(levels) if len(c.resampling_steps) == 1 else list(c.resampling_steps)
+        t0 = time.perf_counter()
+        tree = hierarchical_kmeans(embeddings, levels, c.n_iter, steps, list(c.sample_sizes) or None,
+                                   c.resample_strategy, cfg.seed, c.backend, n_init=c.n_init)
+        paths = tree.paths()
+        selected = balanced_sample(tree, target, cfg.balance.strategy, cfg.seed)
+        log(f"clustering: levels {levels} in {time.perf_counter() - t0:.1f} s; balanced sampling kept "
+            f"{len(selected)}/{n} (target {target})")
+    save_npz(cache, paths=paths, selected=selected, levels=np.asarray(levels))
+    return Balanced(pool_rows, paths, selected, levels)

@@ -1,31 +1,37 @@
-"""Curation embeddings (the space hierarchical k-means clusters in), from a configurable backbone.
+"""Step 4a, embed: the space hierarchical k-means clusters the train pool in, from a configurable backbone.
 
 - "layout": a colour layout (YCbCr means on an 8x8 grid, in [-1, 1]; like MPEG-7's Colour Layout
   descriptor). No network, works offline, computed during ingest. It groups images by colour and
   composition, not by meaning; use it for CI and when no trained backbone is at hand. (The
-  copy-detection descriptor of gramline.data.dedup is deliberately blind to global colour, so it
+  copy-detection descriptor of gramline.curate.dedup is deliberately blind to global colour, so it
   is no clustering space.)
 - "timm:<name>": a timm model, with a local weights file (`weights`) or timm's own download
   (`pretrained: true`; not possible offline), built with `kwargs`.
 - "model:<dir>": the backbone of a gramline Model artifact (e.g. an earlier pretrain run).
 
 Network embeddings: shorter side resized to `img_size`, centre crop, the model's normalisation,
-pooled features, L2-normalised. Batched, with progress lines.
+pooled features, L2-normalised. Batched, with progress lines; each ingest chunk's embeddings are
+saved in the work directory, so a resumed run embeds only what is missing.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
+from gramline.curate.log import log
+from gramline.curate.split import Selection
+from gramline.curate.workdir import WorkDir, save_npy
 from gramline.errors import InputError
-
-ProgressFn = Callable[[int], None]
+from gramline.progress import Progress
 
 
 class Embedder:
@@ -33,7 +39,6 @@ class Embedder:
 
     dim: int
     name: str
-    needs_pixels: bool = True
 
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
         raise NotImplementedError
@@ -50,10 +55,9 @@ def colour_layout(image: Image.Image) -> np.ndarray:
 
 
 class LayoutEmbedder(Embedder):
-    """Colour layout; the stage uses the vectors stored at ingest instead of decoding again."""
+    """Colour layout. Curation itself uses the vectors stored at ingest instead of decoding again."""
 
     name = "layout"
-    needs_pixels = False
     dim = LAYOUT_DIM
 
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
@@ -143,12 +147,41 @@ def build_embedder(backbone: str, weights: str | None = None, pretrained: bool =
     raise InputError(f"embed.backbone {backbone!r}", "is not a known kind", "layout, timm:<name> or model:<dir>")
 
 
-def embed_stream(embedder: Embedder, batches: Iterable[Sequence[bytes]], progress: ProgressFn | None = None) -> np.ndarray:
-    """Embed an iterable of image batches, reporting the running count."""
+
+def _iter_chunk_images(work: WorkDir, n_chunks: int, rows_wanted: np.ndarray) -> Iterator[tuple[int, list[bytes]]]:
+    """(chunk id, image bytes of the wanted rows in that chunk), chunk by chunk."""
+    wanted = set(rows_wanted.tolist())
+    offset = 0
+    for i in range(n_chunks):
+        table = pq.read_table(work.chunk(i), columns=["image"])
+        rows = [r for r in range(table.num_rows) if offset + r in wanted]
+        images = table.column("image").take(pa.array(rows, pa.int64())).to_pylist() if rows else []
+        yield i, images
+        offset += table.num_rows
+
+
+def embed_pool(work: WorkDir, sel: Selection, n_chunks: int, embedder: Embedder | None) -> np.ndarray:
+    """[n_pool, dim] float32 embeddings of the train pool, in row order. `embedder` None: the colour
+    layouts stored at ingest."""
+    pool_rows = np.flatnonzero(sel.pool_mask)
+    if embedder is None:
+        row_of_valid = np.full(len(sel.valid), -1, np.int64)
+        row_of_valid[sel.valid_rows] = np.arange(len(sel.valid_rows))
+        layouts = np.concatenate([np.load(work.layout(i)) for i in range(n_chunks)])
+        log(f"embed: colour-layout embeddings for {len(pool_rows)} images (computed at ingest, no network)")
+        return layouts[row_of_valid[pool_rows]].astype(np.float32)
+    progress = Progress(prefix="curate", what=f"embed ({embedder.name})", total=len(pool_rows), unit="img",
+                        stream=sys.stderr)
     outs, done = [], 0
-    for batch in batches:
-        outs.append(embedder.embed(batch))
-        done += len(batch)
-        if progress is not None:
-            progress(done)
+    for chunk_id, images in _iter_chunk_images(work, n_chunks, pool_rows):
+        path = work.embedding(chunk_id)
+        if path.is_file():
+            emb = np.load(path)
+        else:
+            emb = embedder.embed(images) if images else np.zeros((0, embedder.dim), np.float32)
+            save_npy(path, emb.astype(np.float32))
+        outs.append(emb)
+        done += len(images)
+        progress.update(done)
+    progress.finish()
     return np.concatenate(outs) if outs else np.zeros((0, embedder.dim), np.float32)

@@ -1,55 +1,19 @@
-"""What the curate stage tells people: progress lines, and the HTML summary with thumbnail grids."""
+"""`report.html`: the curation summary (funnel, quarantine reasons, cluster sizes before and after
+balancing) with a thumbnail grid per large top-level cluster."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
-import sys
-import time
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 from PIL import Image
 
-from gramline.train.progress import format_eta
-
-
-class Progress:
-    """`[curate] step: done/total (counts) | rate img/s | ETA` at most every `every_s` seconds."""
-
-    def __init__(self, step: str, total: int | None = None, every_s: float = 5.0, stream: TextIO = sys.stderr,
-                 start_at: int = 0) -> None:
-        self.step, self.total, self.every_s, self.stream = step, total, every_s, stream
-        self.start_at = start_at
-        self.t0 = self.last = time.perf_counter()
-        self.done = start_at
-        self.printed_at: int | None = None
-
-    def update(self, done: int, counts: Mapping[str, int] | None = None, force: bool = False) -> None:
-        self.done = done
-        now = time.perf_counter()
-        if not force and now - self.last < self.every_s:
-            return
-        self.last = now
-        self.printed_at = done
-        rate = (done - self.start_at) / max(now - self.t0, 1e-9)
-        of = f"/{self.total}" if self.total else ""
-        extra = f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
-        eta = f" | ETA {format_eta((self.total - done) / rate)}" if self.total and rate > 0 else ""
-        print(f"[curate] {self.step}: {done}{of}{extra} | {rate:.1f} img/s{eta}", file=self.stream, flush=True)
-
-    def finish(self, counts: Mapping[str, int] | None = None) -> float:
-        if self.printed_at != self.done:
-            self.update(self.done, counts, force=True)
-        return time.perf_counter() - self.t0
-
-
-def log(message: str) -> None:
-    print(f"[curate] {message}", file=sys.stderr, flush=True)
-
 
 def thumbnail_uri(data: bytes, side: int = 96) -> str:
+    """A small JPEG of the encoded image as a data: URI, to inline in the page."""
     with Image.open(io.BytesIO(data)) as opened:
         thumb = opened.convert("RGB")
     thumb.thumbnail((side, side))

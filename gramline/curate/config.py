@@ -1,20 +1,21 @@
-"""The curate stage's config (`CurateConfig`) and its presets: `tiny` (default, CPU/CI) and `large`.
+"""The curation config schema, `CurateConfig`, one section per step.
 
-Resolved like every stage config: preset ← `--config FILE` ← `--set key=value`
-(gramline.config.resolve_config). Thresholds and sizes are explained in reference data.md §1-2, §5.
+The preset values (`tiny`, the default for CPU/CI, and `large`) live in `gramline.presets`
+(`PRESETS["curate"]`); a run resolves schema defaults ← preset ← `--config FILE` ← `--set key=value`
+with `gramline.config.load_stage_config(CurateConfig, "curate", ...)`. The method behind the
+clustering and sampling sections: Vo et al. 2024, "Automatic data curation for self-supervised
+learning" (arXiv 2405.15613); behind the dedup section: DINOv2 (Oquab et al. 2023, arXiv 2304.07193)
+and docs/curate.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from gramline.config import Strict, resolve_config
-from gramline.data.ingest import DEFAULT_PATH_COLUMNS
-from gramline.errors import InputError
+from gramline.config import Strict
+from gramline.curate.sources import DEFAULT_PATH_COLUMNS
 
 
 class IngestConfig(Strict):
@@ -27,7 +28,7 @@ class IngestConfig(Strict):
 
 
 class ImagesConfig(Strict):
-    """Validation of every image (gramline.data.validate)."""
+    """Validation of every image (gramline.curate.validate)."""
 
     min_side: int = 32
     max_pixels: int = 50_000_000      # decompression-bomb guard (Pillow's own limit is ~89M/179M)
@@ -39,8 +40,8 @@ class ImagesConfig(Strict):
 class DedupConfig(Strict):
     exact: bool = True                # identical decoded pixels
     near: bool = True
-    threshold: float = 0.91           # cosine of the copy descriptor (see gramline.data.dedup)
-    decontam_threshold: float = 0.88  # looser, for train-vs-eval (DINOv2 also loosens it)
+    threshold: float = 0.91           # cosine of the copy descriptor (see gramline.curate.dedup)
+    decontam_threshold: float = 0.88  # looser, for train-vs-eval (DINOv2, appendix A, also loosens it)
     view_grid: int = 3                # grid x grid sub-views per image for crop robustness
     view_scale: float = 0.9
     backend: Literal["auto", "faiss", "torch"] = "auto"
@@ -145,9 +146,3 @@ class CurateConfig(Strict):
             raise ValueError(f"output.shards_uri={uri!r} must be an s3://bucket/prefix URI")
         return self
 
-
-def load_curate_config(preset: str, config_file: Path | str | None = None,
-                       overrides: Sequence[str] = ()) -> CurateConfig:
-    from gramline.config import load_stage_config
-
-    return load_stage_config(CurateConfig, "curate", preset, config_file, overrides)
