@@ -28,8 +28,8 @@ BUDGET_S = 120.0
 
 def tiny_model_dir(out: Path, dataset: Path) -> Path:
     from gramline.artifacts import build_manifest, lineage_entry, write_manifest
+    from gramline.models.archs import ARCHS
     from gramline.models.io import BACKBONE_FILE, build_random_backbone, save_weights, timm_manifest_entry
-    from gramline.models.presets import ARCHS
 
     out.mkdir(parents=True, exist_ok=True)
     arch = ARCHS["tiny"]
@@ -57,7 +57,7 @@ def main() -> int:
         dataset = work / "eval-data"
         if not (dataset / "manifest.json").exists():
             write_synthetic_dataset(dataset, n_train=1, n_eval=args.n_eval, size=64, seed=0)
-    from gramline.data.shards import open_dataset
+    from gramline.data.reader import open_dataset
 
     n_eval = open_dataset(dataset).splits.get("eval", 0)
     model = args.model or tiny_model_dir(work / "model", dataset)
@@ -77,7 +77,7 @@ def main() -> int:
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr, sep="\n", file=sys.stderr)
             return proc.returncode
-        per_model = [float(s) for s in re.findall(r"\] model \d+/\d+ \S+: ([\d.]+)s", proc.stdout)]
+        per_model = [float(s) for s in re.findall(r"\] model: \d+/\d+ .* in ([\d.]+)s", proc.stdout)]
         results.append({"threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "per_model_s": per_model,
                         "budget_ratio": round(wall / BUDGET_S, 3), "metrics": str(out / "metrics" / "metrics.json")})
         print(f"threads={threads}: {wall:.1f}s wall, {cpu:.1f}s CPU for 2 models on {n_eval} "

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from gramline.artifacts import build_manifest, lineage_entry, write_manifest
-from gramline.data.shards import DatasetWriter, ShardSample
 from gramline.data.synthetic import write_synthetic_dataset
+from gramline.data.writer import DatasetWriter, ShardSample
+from gramline.models.archs import ARCHS
 from gramline.models.io import BACKBONE_FILE, build_random_backbone, save_weights, timm_manifest_entry
-from gramline.models.presets import ARCHS
 from gramline.stages import benchmark
 
 FAST = ["--set", "seg.steps=60", "--set", "linear.epochs=30", "--set", "dense.images=12", "--set", "report.images=4"]

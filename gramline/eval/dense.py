@@ -1,4 +1,5 @@
-"""Dense-quality diagnostics that need no labels (usable by the anchor stage to pick a checkpoint).
+"""Dense-quality diagnostics that need no labels (the benchmark reports them; the anchor stage ranks
+checkpoints by them).
 
 - Patch correspondence: view A is the whole image, view B a crop (known pixel box) resized to the
   same side and flipped horizontally. Each patch of B has one geometrically matching patch of A:
@@ -85,20 +86,38 @@ def patch_correspondence(module: nn.Module, images: Tensor, size: int, crop_frac
     return hits / max(total, 1)
 
 
+def dense_patches(module: nn.Module, images: Tensor, size: int, batch_size: int = 64) -> Tensor:
+    """Last-layer patch features [N,h,w,D] (float) of uint8 images [N,3,H,W] seen at size x size."""
+    return torch.cat([forward_tokens(module, preprocess(images[lo:lo + batch_size], size))[1]
+                      for lo in range(0, images.shape[0], batch_size)]).float()
+
+
 @torch.inference_mode()
 def dense_quality(module: nn.Module, images: Tensor, size: int, reference: nn.Module | None = None,
-                  reference_size: int | None = None, crop_fraction: float = 0.6, seed: int = 0,
-                  batch_size: int = 64) -> dict[str, float]:
-    """One call for checkpoint selection (the anchor stage): `corr_top1`, plus `gram_corr` and
-    `gram_mse` against `reference` (seen at `reference_size`, default `size`) when one is given."""
-    scores = {"corr_top1": patch_correspondence(module, images, size, crop_fraction, seed, batch_size)}
+                  reference_size: int | None = None, crop_fraction: float | Sequence[float] = 0.6, seed: int = 0,
+                  batch_size: int = 64, reference_patches: Tensor | None = None) -> dict[str, float]:
+    """The label-free dense scores of `module` on `images` seen at `size` (how the anchor stage
+    ranks checkpoints).
+
+    `corr_top1`: patch correspondence; given several crop fractions, their mean, with each one's
+    score also under `corr_top1_crop<fraction>`. `gram_corr` and `gram_mse`: Gram similarity to a
+    reference, given as a model (`reference`, seen at `reference_size`, default `size`) or as its
+    patch features on the same images (`reference_patches`, e.g. from `dense_patches`).
+    """
+    if reference is not None and reference_patches is not None:
+        raise ValueError("give reference or reference_patches, not both")
+    if isinstance(crop_fraction, (int, float)):
+        fractions, several = [crop_fraction], False
+    else:
+        fractions, several = list(crop_fraction), True
+    corr = [patch_correspondence(module, images, size, fraction, seed, batch_size) for fraction in fractions]
+    scores = {"corr_top1": sum(corr) / len(corr)}
+    if several:
+        scores.update({f"corr_top1_crop{fraction}": value for fraction, value in zip(fractions, corr)})
     if reference is not None:
-        ref_size = reference_size or size
-        patches = torch.cat([forward_tokens(module, preprocess(images[lo:lo + batch_size], size))[1]
-                             for lo in range(0, images.shape[0], batch_size)])
-        ref = torch.cat([forward_tokens(reference, preprocess(images[lo:lo + batch_size], ref_size))[1]
-                         for lo in range(0, images.shape[0], batch_size)])
-        scores.update(gram_similarity(patches, ref))
+        reference_patches = dense_patches(reference, images, reference_size or size, batch_size)
+    if reference_patches is not None:
+        scores.update(gram_similarity(dense_patches(module, images, size, batch_size), reference_patches))
     return scores
 
 

@@ -77,7 +77,7 @@ def parse_model_spec(name: str, value: str) -> ModelSpec:
         return ModelSpec(name, "timm", timm_name, Path(weights) if weights else None)
     if value.startswith("random:"):
         arch = value[len("random:"):]
-        from gramline.models.presets import ARCHS
+        from gramline.models.archs import ARCHS
 
         if arch not in ARCHS:
             raise InputError(f"--model {name}={value}", f"arch {arch!r} is unknown", "one of " + ", ".join(ARCHS))
@@ -169,7 +169,7 @@ class EvalData:
 def load_eval_data(dataset_dir: Path | str, max_images: int | None = None,
                    flag: str = "--eval-dataset") -> EvalData:
     """Read the eval split. Images of different sizes are resized to the most common size."""
-    from gramline.data.shards import iter_samples, open_dataset
+    from gramline.data.reader import iter_samples, open_dataset
 
     dataset_dir = Path(dataset_dir)
     info = open_dataset(dataset_dir)

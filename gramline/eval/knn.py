@@ -1,4 +1,5 @@
-"""Weighted k-NN classification on L2-normalised features (reference §7: T = 0.07, k in {10, 20}).
+"""Weighted k-NN classification on L2-normalised features, the k-NN evaluation of the DINOv3 paper
+(arXiv 2508.10104) as the official `dinov3/eval/knn.py` runs it: T = 0.07, here k in {10, 20}.
 
 Each test feature votes with its k most cosine-similar training features, each vote weighted by
 exp(similarity / T); the class with the largest summed weight wins.

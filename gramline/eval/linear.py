@@ -1,4 +1,5 @@
-"""Linear probe on frozen features (reference §7): concat(CLS, mean patch token) -> one Linear layer.
+"""Linear probe on frozen features: concat(CLS, mean patch token) -> one Linear layer, the input and
+head of the official `dinov3/eval/linear.py` (`create_linear_input` with avgpool, `LinearClassifier`).
 
 One classifier per learning rate of a small grid is trained on the same minibatches (SGD, momentum
 0.9, no weight decay, cosine decay, weights initialised with std 0.01); the one with the best

@@ -1,4 +1,6 @@
-"""Linear segmentation probe on frozen patch features (reference §7, ADE20k linear protocol).
+"""Linear segmentation probe on frozen patch features, after the linear ADE20k protocol of the DINOv3
+paper (arXiv 2508.10104); the official head, `dinov3/eval/segmentation/models/heads/linear_head.py`,
+normalises with a LayerNorm where this one uses BatchNorm.
 
 BatchNorm + a 1x1 convolution map the last layer's patch grid to class logits; the logits are
 upsampled bilinearly to the mask resolution and trained with cross-entropy (AdamW, cosine decay).
@@ -27,7 +29,7 @@ def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear upsampling [B,C,h,w] -> [B,C,H,W] as two small matmuls (bilinear is separable).
 
     Same values as F.interpolate(mode="bilinear", align_corners=False), but its backward is a matmul
-    instead of a scatter: about 3x faster on CPU, where the probe spends most of its time.
+    instead of a scatter, much faster on CPU, where the probe spends most of its time.
     """
     rows = linear_upsample_matrix(x.shape[-2], size[0]).to(x)
     cols = linear_upsample_matrix(x.shape[-1], size[1]).to(x)
