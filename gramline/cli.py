@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             module = importlib.import_module(f"gramline.stages.{command}")
             module.main_cli(rest)
         if command in ("run", "rerun"):
-            importlib.import_module("gramline.local_run").main_cli(command, rest)
+            importlib.import_module("gramline.kfp.local_run").main_cli(command, rest)
     except InputError as err:
         print(f"gramline {command}: error: {err}", file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_CODE)

@@ -12,7 +12,7 @@ import pytest
 
 kfp = pytest.importorskip("kfp")
 
-from gramline import local_run
+from gramline.kfp import local_run
 
 REPO = Path(__file__).resolve().parents[1]
 

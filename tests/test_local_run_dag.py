@@ -45,7 +45,7 @@ def check_dag_outputs(run_dir: Path) -> None:
     models = [s.name for s in active_stages() if s.produces_model]
     tasks = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
     assert tasks == {"curate", *models, "benchmark"}
-    for task in tasks:  # the executor output names each artifact with its URI (kfp.md §4 pitfalls A-B)
+    for task in tasks:  # the executor output names each artifact with its URI
         written = json.loads((run_dir / task / "executor_output.json").read_text())["artifacts"]
         for name, entry in written.items():
             assert entry["artifacts"][0]["uri"] == str(run_dir / task / name)

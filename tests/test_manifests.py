@@ -111,7 +111,7 @@ def test_runner_rbac_covers_trainjobs_and_both_service_accounts(overlay: tuple[s
 
 
 def test_s3_secret_has_the_keys_the_compiled_pipeline_maps_to_env(overlay: tuple[str, dict]) -> None:
-    from gramline.kfp.presets import S3_SECRET_KEYS
+    from gramline.kfp.profiles import S3_SECRET_KEYS
 
     _, docs = overlay
     secret = docs[("Secret", "kubeflow", "gramline-s3")]

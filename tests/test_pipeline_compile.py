@@ -163,7 +163,7 @@ def test_retries_and_caching(compiled: tuple[dict, dict]) -> None:
         retry = tasks[stage]["retryPolicy"]
         assert retry["maxRetryCount"] == 2 and retry["backoffFactor"] == 2.0
         assert retry["backoffDuration"].endswith("s") and retry["backoffMaxDuration"].endswith("s")
-    # KFP writes `cachingOptions: {}` for disabled caching (kfp.md §2).
+    # KFP writes `cachingOptions: {}` for disabled caching.
     for stage in (*TRAINING, "curate"):
         assert "enableCache" not in tasks[stage]["cachingOptions"]
     for stage in ("anchor", "benchmark"):
@@ -228,7 +228,7 @@ def test_a_stage_missing_from_the_build_drops_out_with_its_downstream(tmp_path: 
     from kfp import compiler
 
     out = tmp_path / "p.yaml"
-    compiler.Compiler().compile(gp.build_pipeline(gp.pipeline_preset("tiny"), available=available), str(out))
+    compiler.Compiler().compile(gp.build_pipeline(gp.deployment_profile("tiny"), available=available), str(out))
     spec = next(yaml.safe_load_all(out.read_text()))
     assert sorted(spec["root"]["dag"]["tasks"]) == ["anchor", "benchmark", "curate", "pretrain"]
     assert sorted(spec["root"]["dag"]["tasks"]["benchmark"]["inputs"]["artifacts"]) == ["anchor", "eval_dataset", "pretrain"]
@@ -242,3 +242,13 @@ def test_component_files_in_components_dir_are_up_to_date(tmp_path: Path) -> Non
     for path in written:
         assert (REPO / "components" / path.name).read_text() == path.read_text(), (
             f"components/{path.name} is stale: run python pipeline/compile.py --components components")
+
+
+def test_profile_is_the_new_name_of_preset(tmp_path: Path) -> None:
+    """`--profile P` compiles what `--preset P` (the older name) compiles; a bad name names the flag typed."""
+    by_profile, by_preset = tmp_path / "profile.yaml", tmp_path / "preset.yaml"
+    assert compile_cli(tmp_path, "--profile", "tiny", "--output", str(by_profile)).returncode == 0
+    assert compile_cli(tmp_path, "--preset", "tiny", "--output", str(by_preset)).returncode == 0
+    assert list(yaml.safe_load_all(by_profile.read_text())) == list(yaml.safe_load_all(by_preset.read_text()))
+    done = compile_cli(tmp_path, "--profile", "huge", "--output", str(tmp_path / "x.yaml"))
+    assert done.returncode == 2 and "--profile: 'huge' is not a deployment profile" in done.stderr

@@ -1,9 +1,12 @@
-"""The Kubeflow Pipelines side of gramline: container components, the DAG, pipeline presets.
+"""The Kubeflow Pipelines side of gramline: container components, the DAG, deployment profiles,
+and the local runs of the compiled pipeline.
 
 Needs the `pipeline` extra (`pip install 'gramline[pipeline]'`: kfp, kfp-kubernetes, docker).
 
   components.py   one `@dsl.container_component` per stage (`python -m gramline.stages.<stage>`)
-  presets.py      pipeline presets: parameter defaults and per-task Kubernetes settings
+  profiles.py     deployment profiles: parameter defaults and per-task Kubernetes settings
   pipeline.py     the `@dsl.pipeline` DAG built from a stage table; `compile_pipeline()`
   compiled.py     reading a compiled `gramline.yaml` back (tasks, executors, parameters)
+  local_run.py    `gramline run` / `gramline rerun`: the compiled YAML on one machine (kfp.local)
+  dockerhost.py   the local Docker daemon those two use with `--runner docker`
 """

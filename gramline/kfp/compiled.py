@@ -98,19 +98,20 @@ def load_compiled(path: Path | str) -> CompiledPipeline:
     return CompiledPipeline(path, spec, platform)
 
 
-def compile_to(directory: Path | str, preset: str, image: str, pvc: str | None = None) -> CompiledPipeline:
-    """Compile the pipeline for `preset`/`image` to `<directory>/gramline.yaml` and load it."""
+def compile_to(directory: Path | str, profile: str, image: str, pvc: str | None = None) -> CompiledPipeline:
+    """Compile the pipeline for deployment profile `profile` and `image` to `<directory>/gramline.yaml`
+    and load it."""
     from dataclasses import replace
 
     from gramline.kfp.pipeline import compile_pipeline
 
-    pipeline = load_compiled(compile_pipeline(Path(directory) / "gramline.yaml", preset, image, pvc))
-    return replace(pipeline, label=f"the pipeline (preset {preset})")
+    pipeline = load_compiled(compile_pipeline(Path(directory) / "gramline.yaml", profile, image, pvc))
+    return replace(pipeline, label=f"the pipeline (profile {profile})")
 
 
-def compile_in_memory(preset: str, image: str) -> CompiledPipeline:
+def compile_in_memory(profile: str, image: str) -> CompiledPipeline:
     with tempfile.TemporaryDirectory(prefix="gramline-compile-") as tmp:
-        return compile_to(tmp, preset, image)
+        return compile_to(tmp, profile, image)
 
 
 def parse_argument(pipeline: CompiledPipeline, item: str, flag: str = "--param") -> tuple[str, Any]:

@@ -1,9 +1,13 @@
-"""One KFP container component per stage (reference kfp.md §1).
+"""One KFP container component per stage (container components:
+https://www.kubeflow.org/docs/components/pipelines/user-guides/components/container-components/).
 
 Every component runs `python -m gramline.stages.<stage>` in the gramline image, passes artifact
 `.path`s as the stage's directory flags, `{{$.outputs.output_file}}` as `--executor-output` and each
-output's `.uri` as `--output-uri NAME=URI`; the stage writes the full executor output and creates
-its output directories (kfp.md §4 pitfalls A-C). Parameters common to every stage: `preset` (the
+output's `.uri` as `--output-uri NAME=URI`. A container component gets none of the bookkeeping a
+Python component's executor does, so the stage does it: it creates its output directories (nothing
+creates the parent of an output `.path`) and writes the whole executor output file, naming every
+output artifact with its URI and metadata (KFP reads output metadata from that file, and kfp.local
+takes a task's output artifacts from it alone). Parameters common to every stage: `preset` (the
 stage's named preset) and `overrides` (a dict of dotted config keys, passed as `--overrides JSON`).
 
 The image is fixed when the components are built (`build_components(image)`), so a compiled

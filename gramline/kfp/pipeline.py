@@ -8,7 +8,8 @@ Adding a stage = its component in `components.py` + one `Stage` row here (its ed
 module is not in this build (`gramline.stages.<name>`), or whose upstream is missing, is left out.
 
 Pipeline parameters: `source` (curate --source), `preset` (SSL preset of the training stages and
-benchmark), `curate_preset`, and `<stage>_overrides` (a dict of dotted config keys) per stage.
+benchmark), `curate_preset`, and `<stage>_overrides` (a dict of dotted config keys) per stage. Their
+defaults and every task's Kubernetes settings come from a deployment profile (profiles.py).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from kfp import compiler, dsl, kubernetes
 
 from gramline.io import atomic_path
 from gramline.kfp.components import DEFAULT_IMAGE, benchmark_component, build_components
-from gramline.kfp.presets import (
-    DEFAULT_PIPELINE_PRESET,
+from gramline.kfp.profiles import (
+    DEFAULT_PROFILE,
     GPU_RESOURCE,
     S3_SECRET_KEYS,
-    PipelinePreset,
+    DeploymentProfile,
     TaskSettings,
-    pipeline_preset,
+    deployment_profile,
 )
 
 PIPELINE_NAME = "gramline"
@@ -70,7 +71,7 @@ def active_stages(available: Callable[[str], bool] = stage_available) -> list[St
     return chosen
 
 
-def apply_task_settings(task: Any, settings: TaskSettings, preset: PipelinePreset) -> None:
+def apply_task_settings(task: Any, settings: TaskSettings, profile: DeploymentProfile) -> None:
     """Resources, volumes, secrets, scheduling, retries, timeout and caching of one task."""
     if settings.cpu:
         task.set_cpu_request(settings.cpu).set_cpu_limit(settings.cpu)
@@ -80,17 +81,17 @@ def apply_task_settings(task: Any, settings: TaskSettings, preset: PipelinePrese
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(settings.gpus)
         if settings.gpu_product:
             kubernetes.add_node_selector(task, "nvidia.com/gpu.product", settings.gpu_product)
-        for toleration in preset.tolerations:
+        for toleration in profile.tolerations:
             kubernetes.add_toleration(task, **toleration)
-    for key, value in preset.node_selector.items():
+    for key, value in profile.node_selector.items():
         kubernetes.add_node_selector(task, key, value)
     if settings.shm:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=settings.shm)
-    if preset.s3_secret:
-        kubernetes.use_secret_as_env(task, preset.s3_secret, {key: key for key in S3_SECRET_KEYS}, optional=True)
-    if preset.pvc:
-        kubernetes.mount_pvc(task, pvc_name=preset.pvc, mount_path=preset.pvc_mount)
+    if profile.s3_secret:
+        kubernetes.use_secret_as_env(task, profile.s3_secret, {key: key for key in S3_SECRET_KEYS}, optional=True)
+    if profile.pvc:
+        kubernetes.mount_pvc(task, pvc_name=profile.pvc, mount_path=profile.pvc_mount)
     if settings.timeout_s:
         kubernetes.set_timeout(task, settings.timeout_s)
     if settings.retries:
@@ -99,27 +100,27 @@ def apply_task_settings(task: Any, settings: TaskSettings, preset: PipelinePrese
     task.set_caching_options(enable_caching=settings.cache)
 
 
-def _parameters(preset: PipelinePreset, stages: list[Stage]) -> list[inspect.Parameter]:
+def _parameters(profile: DeploymentProfile, stages: list[Stage]) -> list[inspect.Parameter]:
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    params = [inspect.Parameter("source", kind, default=preset.source, annotation=str),
-              inspect.Parameter("preset", kind, default=preset.preset, annotation=str),
-              inspect.Parameter("curate_preset", kind, default=preset.curate_preset, annotation=str)]
+    params = [inspect.Parameter("source", kind, default=profile.source, annotation=str),
+              inspect.Parameter("preset", kind, default=profile.preset, annotation=str),
+              inspect.Parameter("curate_preset", kind, default=profile.curate_preset, annotation=str)]
     for stage in stages:
         params.append(inspect.Parameter(f"{stage.name}_overrides", kind,
-                                        default=dict(preset.overrides.get(stage.name, {})), annotation=dict))
+                                        default=dict(profile.overrides.get(stage.name, {})), annotation=dict))
     return params
 
 
-def build_pipeline(preset: PipelinePreset, image: str = DEFAULT_IMAGE,
+def build_pipeline(profile: DeploymentProfile, image: str = DEFAULT_IMAGE,
                    available: Callable[[str], bool] = stage_available) -> Any:
-    """The `@dsl.pipeline` for `preset`, every task running `image`."""
+    """The `@dsl.pipeline` for `profile`, every task running `image`."""
     stages = active_stages(available)
     if not stages or stages[0].name != "curate" or not available(BENCHMARK.name):
         raise RuntimeError("this gramline build lacks the curate or benchmark stage")
     components = build_components(image)
     models = [s.name for s in stages if s.produces_model]
-    benchmark = benchmark_component(models, image, preset.timm_baseline)
-    params = _parameters(preset, [*stages, BENCHMARK])
+    benchmark = benchmark_component(models, image, profile.timm_baseline)
+    params = _parameters(profile, [*stages, BENCHMARK])
     names = [p.name for p in params]
 
     def gramline(*values: Any) -> None:
@@ -132,7 +133,7 @@ def build_pipeline(preset: PipelinePreset, image: str = DEFAULT_IMAGE,
             task = component(**inputs, **extra, preset=args[stage.preset_parameter],
                              overrides=args[f"{stage.name}_overrides"])
             task.set_display_name(stage.name)
-            apply_task_settings(task, preset.task(stage.name), preset)
+            apply_task_settings(task, profile.task(stage.name), profile)
             tasks[stage.name] = task
             return task
 
@@ -143,7 +144,7 @@ def build_pipeline(preset: PipelinePreset, image: str = DEFAULT_IMAGE,
     gramline.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     gramline.__annotations__ = {p.name: p.annotation for p in params}
     gramline.__doc__ = (f"gramline: the DINOv3 recipe as a DAG ({' -> '.join(s.name for s in stages)} -> benchmark); "
-                        f"compiled with pipeline preset {preset.name!r}: {preset.description}.")
+                        f"compiled with deployment profile {profile.name!r}: {profile.description}.")
     return dsl.pipeline(name=PIPELINE_NAME)(gramline)
 
 
@@ -168,10 +169,10 @@ def compile_components(directory: Path | str, image: str = DEFAULT_IMAGE,
     return written
 
 
-def compile_pipeline(output: Path | str, preset: str = DEFAULT_PIPELINE_PRESET, image: str = DEFAULT_IMAGE,
+def compile_pipeline(output: Path | str, profile: str = DEFAULT_PROFILE, image: str = DEFAULT_IMAGE,
                      pvc: str | None = None) -> Path:
-    """Compile to `output` (written atomically) and return its path."""
-    pipeline = build_pipeline(pipeline_preset(preset, pvc), image)
+    """Compile the pipeline of deployment profile `profile` to `output` (written atomically); its path."""
+    pipeline = build_pipeline(deployment_profile(profile, pvc), image)
     output = Path(output)
     with atomic_path(output) as tmp:
         staged = tmp.with_suffix(".yaml")  # the compiler insists on a .yaml name

@@ -1,13 +1,14 @@
 """`gramline run` and `gramline rerun`: the compiled pipeline on one machine, without a cluster.
 
-    gramline run [--preset tiny] [--runner process|docker] [--root DIR] [--pipeline FILE]
+    gramline run [--profile tiny] [--runner process|docker] [--root DIR] [--pipeline FILE]
                  [--image IMAGE] [--param KEY=VALUE ...] [--cache] [docker options]
     gramline rerun STAGE [--runner docker|process] --input NAME=PATH ... [--output NAME=PATH ...]
-                 [--out-dir DIR] [--set key=value ...] [--preset P | --pipeline FILE] [--image IMAGE]
+                 [--out-dir DIR] [--set key=value ...] [--profile P | --pipeline FILE] [--image IMAGE]
                  [--param KEY=VALUE ...] [docker options]
     docker options: [--shm-size 2g] [--gpus auto|all|none|N] [--docker-network host]
 
-`run` compiles the pipeline (or takes `--pipeline FILE`), then executes that YAML through kfp.local:
+`--profile` (also spelled `--preset`, its older name) is the deployment profile to compile
+(gramline/kfp/profiles.py). `run` compiles the pipeline (or takes `--pipeline FILE`), then executes that YAML through kfp.local:
 `--runner docker` with `DockerRunner` in the image it names, `--runner process` with the same
 container commands run in this Python environment (kfp.local's SubprocessRunner with its
 lightweight-component checks switched off, as KFP's own tests do; kfp is pinned for this).
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
+from gramline.kfp.profiles import add_profile_option, deployment_profile
 from gramline.stages.common import StageArgumentParser, parse_named
 
 PROCESS_HOOKS = ("validate_image", "validate_not_container_component", "validate_not_containerized_python_component")
@@ -94,7 +96,7 @@ def host_subprocess_runner() -> Iterator[Any]:
 
 def _common_options(parser: argparse.ArgumentParser, default_runner: str) -> None:
     parser.add_argument("--runner", choices=("process", "docker"), default=default_runner)
-    parser.add_argument("--preset", default="tiny", help="pipeline preset to compile (default: tiny)")
+    add_profile_option(parser, default="tiny")
     parser.add_argument("--pipeline", type=Path, default=None,
                         help="a compiled pipeline YAML to run instead of compiling one")
     parser.add_argument("--image", default=None, help="image to compile the pipeline with (default: gramline:VERSION)")
@@ -115,7 +117,8 @@ def _pipeline(args: argparse.Namespace, workdir: Path) -> Any:
     from gramline.kfp.components import DEFAULT_IMAGE, check_image
 
     image = check_image(args.image or DEFAULT_IMAGE)
-    return compiled.compile_to(workdir, args.preset, image)
+    profile = deployment_profile(args.profile, flag=args.profile_flag)
+    return compiled.compile_to(workdir, profile.name, image)
 
 
 def _arguments(pipeline: Any, items: Sequence[str]) -> dict[str, Any]:

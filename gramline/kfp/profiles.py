@@ -1,11 +1,13 @@
-"""Pipeline presets: the compiled pipeline's parameter defaults and each task's Kubernetes settings.
+"""Deployment profiles: the compiled pipeline's parameter defaults and each task's Kubernetes settings.
 
-A pipeline preset is chosen at compile time (`pipeline/compile.py --preset P`). It sets the
-defaults of the pipeline parameters (source, the stages' presets and overrides), which a run can
-still change (`kfp run submit ... preset=tiny pretrain_overrides='{"train.steps": 50}'`), and the
-per-task settings that KFP fixes at compile time: GPU type and count, CPU/memory, the `/dev/shm`
-emptyDir, S3 credentials from a Secret, an optional PVC, node selector, tolerations, retries with
-backoff, timeouts and caching.
+A deployment profile is chosen at compile time (`pipeline/compile.py --profile P`, `gramline run
+--profile P`; both also take the older name `--preset`). It sets the defaults of the pipeline
+parameters (source, the stages' recipe presets and overrides), which a run can still change
+(`kfp run submit ... preset=tiny pretrain_overrides='{"train.steps": 50}'`), and the per-task
+settings that KFP fixes at compile time: GPU type and count, CPU/memory, the `/dev/shm` emptyDir,
+S3 credentials from a Secret, an optional PVC, node selector, tolerations, retries with backoff,
+timeouts and caching. The stages' recipe presets (gramline/presets.py) are another thing: a
+profile names one as the default of the `preset` parameter.
 
 Caching: training stages (pretrain, gram, highres) never come from the cache, nor does curate (its
 source URI can name a bucket whose content changed). anchor and benchmark are pure functions of
@@ -14,6 +16,7 @@ their input artifacts and parameters, so KFP's cache key (which includes them) i
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,12 +45,12 @@ class TaskSettings:
 
 
 @dataclass(frozen=True)
-class PipelinePreset:
+class DeploymentProfile:
     name: str
     description: str
     source: str  # default of the `source` parameter (curate --source)
-    preset: str  # default SSL preset of pretrain/anchor/gram/highres/benchmark
-    curate_preset: str
+    preset: str  # default of the `preset` parameter (SSL recipe preset of pretrain ... benchmark)
+    curate_preset: str  # default of the `curate_preset` parameter
     overrides: dict[str, dict[str, Any]]  # default `<stage>_overrides` per stage
     tasks: dict[str, TaskSettings]
     s3_secret: str | None = "gramline-s3"  # Secret mounted as env in every task (optional=True)
@@ -66,7 +69,7 @@ _DAY = 24 * 3600
 
 # Tiny: CPU only, minutes end to end (CI, `gramline run --preset tiny`). The overrides shorten the
 # training phases further than the stages' own tiny presets.
-TINY = PipelinePreset(
+TINY = DeploymentProfile(
     name="tiny",
     description="CPU, minutes: procedural images, a 4-layer ViT, a few steps per phase",
     source="synthetic:n=320,size=64,seed=0",
@@ -90,11 +93,11 @@ TINY = PipelinePreset(
 )
 
 
-def _gpu_preset(name: str, description: str, gpus: int, product: str, memory: str, shm: str,
-                train_days: int, timm_baseline: str) -> PipelinePreset:
+def _gpu_profile(name: str, description: str, gpus: int, product: str, memory: str, shm: str,
+                 train_days: int, timm_baseline: str) -> DeploymentProfile:
     train = TaskSettings(cpu=str(12 * gpus), memory=memory, gpus=gpus, gpu_product=product, shm=shm,
                          timeout_s=train_days * _DAY, retries=2, backoff="120s", backoff_max="1800s")
-    return PipelinePreset(
+    return DeploymentProfile(
         name=name,
         description=description,
         source="synthetic:n=20000,size=224,seed=0",
@@ -117,18 +120,38 @@ def _gpu_preset(name: str, description: str, gpus: int, product: str, memory: st
     )
 
 
-PIPELINE_PRESETS: dict[str, PipelinePreset] = {
+PROFILES: dict[str, DeploymentProfile] = {
     "tiny": TINY,
-    "vits16": _gpu_preset("vits16", "ViT-S/16 on one 80 GB GPU per training task", 1,
-                          "NVIDIA-H100-80GB-HBM3", "120Gi", "16Gi", 3, "vit_small_patch16_dinov3.lvd1689m"),
-    "vitl16": _gpu_preset("vitl16", "ViT-L/16 on 8x H100 per training task (one node)", 8,
-                          "NVIDIA-H100-80GB-HBM3", "900Gi", "64Gi", 7, "vit_large_patch16_dinov3.lvd1689m"),
+    "vits16": _gpu_profile("vits16", "ViT-S/16 on one 80 GB GPU per training task", 1,
+                           "NVIDIA-H100-80GB-HBM3", "120Gi", "16Gi", 3, "vit_small_patch16_dinov3.lvd1689m"),
+    "vitl16": _gpu_profile("vitl16", "ViT-L/16 on 8x H100 per training task (one node)", 8,
+                           "NVIDIA-H100-80GB-HBM3", "900Gi", "64Gi", 7, "vit_large_patch16_dinov3.lvd1689m"),
 }
-DEFAULT_PIPELINE_PRESET = "vitl16"
+DEFAULT_PROFILE = "vitl16"
+PROFILE_FLAG, OLD_PROFILE_FLAG = "--profile", "--preset"  # the option's name, and its older name
 
 
-def pipeline_preset(name: str, pvc: str | None = None) -> PipelinePreset:
-    if name not in PIPELINE_PRESETS:
-        raise InputError("--preset", f"{name!r} is not a pipeline preset", "one of " + ", ".join(PIPELINE_PRESETS))
-    preset = PIPELINE_PRESETS[name]
-    return replace(preset, pvc=pvc) if pvc else preset
+def deployment_profile(name: str, pvc: str | None = None, flag: str = PROFILE_FLAG) -> DeploymentProfile:
+    """The profile `name`, with the claim `pvc` mounted in every task when given; errors name `flag`."""
+    if name not in PROFILES:
+        kind = "pipeline preset" if flag == OLD_PROFILE_FLAG else "deployment profile"  # the older flag's words
+        raise InputError(flag, f"{name!r} is not a {kind}", "one of " + ", ".join(PROFILES))
+    profile = PROFILES[name]
+    return replace(profile, pvc=pvc) if pvc else profile
+
+
+class _ProfileOption(argparse.Action):
+    """Stores the profile name and which of the option's names was typed (for error messages)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.profile_flag = option_string or PROFILE_FLAG
+
+
+def add_profile_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--profile NAME` (also spelled `--preset NAME`, its older name) into `args.profile`."""
+    parser.add_argument(PROFILE_FLAG, OLD_PROFILE_FLAG, dest="profile", default=default, action=_ProfileOption,
+                        metavar="PROFILE", help=f"deployment profile: {', '.join(PROFILES)} (default {default}); "
+                                                f"{OLD_PROFILE_FLAG} is its older name")
+    parser.set_defaults(profile_flag=PROFILE_FLAG)
