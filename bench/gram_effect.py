@@ -1,4 +1,4 @@
-"""The Gram-anchoring experiment in small (DINOv3 paper, reference §1.5 and §6): does anchoring to an
+"""The Gram-anchoring experiment in small (DINOv3 paper §4): does anchoring to an
 earlier checkpoint's patch-similarity structure bring dense quality back while global quality holds?
 
     python bench/gram_effect.py --out DIR [--preset tiny] [--pretrain-steps 3000] [--continue-steps 1000]

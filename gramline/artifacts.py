@@ -1,4 +1,4 @@
-"""Artifact manifests (DESIGN.md §4) and the KFP executor output (reference kfp.md §1.3).
+"""Artifact manifests (docs/architecture.md) and the KFP executor output (https://www.kubeflow.org/docs/components/pipelines/user-guides/components/container-components/).
 
 Every artifact directory holds `manifest.json`: kind, schema version, producing stage, resolved
 config, the hashes of the inputs' manifests (lineage), counts, metrics and created-at.
@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from gramline import __version__
 from gramline.errors import InputError
@@ -102,7 +103,8 @@ def write_executor_output(
     artifacts: Mapping[str, tuple[str, Mapping[str, Any]]],
     parameters: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the full KFP ExecutorOutput JSON (pitfalls A-C of kfp.md §4).
+    """Write the full KFP ExecutorOutput JSON (the artifact `name`, `uri` and `metadata` of every output: KFP reads
+    nothing else from a container component).
 
     `artifacts` maps output name → (uri, metadata). With no path (plain CLI use) nothing is written.
     """

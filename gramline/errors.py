@@ -1,13 +1,10 @@
-"""Bad-input errors and the exit-code contract shared by every stage (DESIGN.md §3).
+"""Bad-input errors and the exit-code contract shared by every stage.
 
 Exit 0: done. Exit 2: bad input or config, with one paragraph naming the field or file and
 what was expected. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
-
-import sys
-from typing import Callable, NoReturn
 
 BAD_INPUT_EXIT_CODE = 2
 
@@ -26,21 +23,3 @@ class InputError(Exception):
         if expected:
             message += f" (expected {expected})"
         super().__init__(message)
-
-
-def fail(where: str, problem: str, expected: str | None = None) -> NoReturn:
-    raise InputError(where, problem, expected)
-
-
-def exit_on_input_error(main: Callable[[], int | None], program: str) -> Callable[[], NoReturn]:
-    """Wrap a CLI entry point so an InputError prints one clear line and exits 2."""
-
-    def wrapped() -> NoReturn:
-        try:
-            code = main()
-        except InputError as err:
-            print(f"{program}: error: {err}", file=sys.stderr)
-            sys.exit(BAD_INPUT_EXIT_CODE)
-        sys.exit(code or 0)
-
-    return wrapped

@@ -1,6 +1,6 @@
 """Each loss against an independent plain-Python reference (math module, per-element loops).
 
-The references follow reference/dinov3_recipe.md §1 literally (including the SK steps the
+The references follow the official `dinov3/loss/*` definitions literally (including the SK steps the
 implementation skips or rearranges), in Python floats (double precision).
 """
 
@@ -46,7 +46,7 @@ def ref_cross_entropy(p: list[float], s: list[float], temp: float) -> float:
 def ref_sinkhorn(
     logits: list[list[float]], temp: float, n_iters: int, b_tot: float | None = None
 ) -> list[list[float]]:
-    """Reference §1.1 verbatim: Q = exp(t/temp)ᵀ, / global sum, iterations, * B_tot, transpose."""
+    """The official Sinkhorn-Knopp verbatim: Q = exp(t/temp)ᵀ, / global sum, iterations, * B_tot, transpose."""
     n, k = len(logits), len(logits[0])
     b_tot = float(n) if b_tot is None else b_tot
     q = [[math.exp(logits[b][j] / temp) for b in range(n)] for j in range(k)]  # [K][N]

@@ -35,7 +35,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dino_part = data["dino"].split(DINO_N)[rank]
         ibot_part = data["ibot"].split(IBOT_N)[rank]
         n_masked = torch.tensor([ibot_part.shape[0]])
-        dist.all_reduce(n_masked)  # as the engine does for iBOT's B_tot
+        dist.all_reduce(n_masked)  # as the DINO recipe does for iBOT's B_tot
 
         # the group argument is honoured: a one-rank subgroup gives the purely local answer
         solo_groups = [dist.new_group([r]) for r in range(WORLD)]

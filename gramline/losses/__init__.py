@@ -1,4 +1,4 @@
-"""DINOv3 losses as plain functions over tensors (reference §1).
+"""DINOv3 losses as plain functions over tensors (DINOv3 paper §3-4; official `dinov3/loss/`).
 
 All compute in fp32 (autocast is switched off inside) and treat teacher inputs as constants.
 `sinkhorn_knopp` and `koleo_loss_distributed` use collectives when torch.distributed is

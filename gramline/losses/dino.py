@@ -1,4 +1,4 @@
-"""DINO loss on the CLS token (reference §1.2)."""
+"""DINO loss on the CLS token (DINOv3 paper §3; official `dinov3/loss/dino_clstoken_loss.py`)."""
 
 from __future__ import annotations
 

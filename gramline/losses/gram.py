@@ -1,4 +1,4 @@
-"""Gram anchoring loss on patch features (reference §1.5)."""
+"""Gram anchoring loss on patch features (DINOv3 paper §4; official `dinov3/loss/gram_loss.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""iBOT masked-patch loss (reference §1.3)."""
+"""iBOT masked-patch loss (official `dinov3/loss/ibot_patch_loss.py`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def ibot_mask_weights(masks: Tensor) -> Tensor:
 
     A patch masked in crop c gets 1 / (number of masked patches in crop c), so each masked crop
     contributes the mean over its patches. The order is that of `masks.flatten().nonzero()`, i.e.
-    crop-major, the order in which the engine selects the masked patch tokens.
+    crop-major, the order in which the DINO recipe selects the masked patch tokens.
     """
     if masks.ndim != 2 or masks.dtype != torch.bool:
         raise ValueError(f"masks must be a bool tensor [C, N], got {masks.dtype} {tuple(masks.shape)}")

@@ -1,4 +1,4 @@
-"""KoLeo regulariser on the student's pre-head CLS tokens (reference §1.4).
+"""KoLeo regulariser on the student's pre-head CLS tokens (official `dinov3/loss/koleo_loss.py`).
 
 The loss spreads features on the unit sphere: -mean log(distance to the nearest neighbour).
 Neighbours are found by the largest dot product with self excluded; indices are picked without

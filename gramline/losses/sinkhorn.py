@@ -1,21 +1,22 @@
-"""Sinkhorn-Knopp teacher targets for the DINO and iBOT heads (reference §1.1).
+"""Sinkhorn-Knopp teacher targets for the DINO and iBOT heads (official
+`dinov3/loss/dino_clstoken_loss.py::sinkhorn_knopp_teacher` and `dinov3/loss/ibot_patch_loss.py`).
 
-The reference turns teacher logits t [N, K] into Q = exp(t / temp)ᵀ [K, N], divides Q by its
+The official code turns teacher logits t [N, K] into Q = exp(t / temp)ᵀ [K, N], divides Q by its
 global sum, then runs `n_iters` rounds of: divide each prototype row by its row sum (all-reduced
 over the process group) and by K; divide each sample column by its (local) column sum and by
 B_tot. Finally Q * B_tot is transposed so each sample's distribution sums to 1.
 
-Overflow guard: the reference does no max-subtraction, so exp overflows once a logit / temp
+Overflow guard: the official code does no max-subtraction, so exp overflows once a logit / temp
 exceeds ~88 in fp32. Here each prototype's scaled logits are shifted by their maximum over the
 global batch (all-reduced with MAX) before the exp. That multiplies the prototype's row of Q by
-a constant, which the first row normalisation undoes exactly, so the result is the reference's,
-without the overflow; every row then holds an exp(0) = 1 entry, so no row sum can be zero. For the same reason the reference's division by the
-global sum cancels and is skipped (one all-reduce fewer). A sample whose every scaled logit lies
+a constant, which the first row normalisation undoes exactly, so the result is the official one,
+without the overflow; every row then holds an exp(0) = 1 entry, so no row sum can be zero. For the
+same reason the official division by the global sum cancels and is skipped (one all-reduce fewer). A sample whose every scaled logit lies
 ~87 below its prototype's batch maximum still underflows to a zero column and gives NaN, as in
-the reference: that is a model gone wrong, and the engine's NaN guard should see it.
+the official code: that is a model gone wrong, and the training loop's NaN guard should see it.
 
 B_tot (`n_samples_total`) only sets the scale of the intermediate joint distribution (the final
-column normalisation removes it); it is kept so the intermediates match the reference's.
+column normalisation removes it); it is kept so the intermediates match the official ones.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def sinkhorn_knopp(
 
     device = teacher_logits.device
     with torch.autocast(device_type=device.type, enabled=False):
-        # Kept in the input's [N, K] layout (contiguous): the reference's Q is this transposed, so
+        # Kept in the input's [N, K] layout (contiguous): the official Q is this transposed, so
         # its row operations (per prototype) are dim 0 here and its column operations dim 1.
         q = teacher_logits.detach().float() / temp
         n_local, n_prototypes = q.shape

@@ -1,4 +1,4 @@
-"""DINO / iBOT projection heads (reference §3.2): 3-layer MLP with GELU, L2-normalised bottleneck,
+"""DINO / iBOT projection heads (official `dinov3/layers/dino_head.py`): 3-layer MLP with GELU, L2-normalised bottleneck,
 then a bias-free prototype layer without weight norm (unlike DINOv2)."""
 
 from __future__ import annotations
