@@ -22,13 +22,14 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from gramline.config import CropsConfig, MaskingConfig, load_ssl_config
 from gramline.data.augment import BLUR_KERNEL, MultiCropAugment, pil_gaussian_blur
 from gramline.data.collate import collate_crops
+from gramline.data.config import CropsConfig, MaskingConfig
+from gramline.train.recipes.dino.config import load_pretrain_config
 
 
 class TorchvisionBlurAugment(MultiCropAugment):
-    """The same pipeline with torchvision's 9x9 GaussianBlur, as the reference code uses."""
+    """The same pipeline with torchvision's 9x9 GaussianBlur, as the official code uses."""
 
     def _blur(self, img: Image.Image, sigma: float, scale: float) -> Image.Image:
         s = sigma * scale
@@ -80,7 +81,7 @@ def bench_setting(name: str, crops: CropsConfig, image: Image.Image, rounds: int
 
 
 def bench_blur_op(size: int, rounds: int, min_seconds: float) -> dict[str, object]:
-    """The blur alone on one crop, σ drawn from the recipe's [0.1, 2] (as data.md §6 measured it)."""
+    """The blur alone on one crop, σ drawn from the recipe's [0.1, 2]."""
     img = smooth_image(size, size)
     sigmas = np.random.default_rng(0).uniform(0.1, 2.0, 1024)
     pil: list[float] = []
@@ -94,7 +95,7 @@ def bench_blur_op(size: int, rounds: int, min_seconds: float) -> dict[str, objec
 
 
 def bench_collate(min_seconds: float) -> dict[str, object]:
-    cfg = load_ssl_config("vits16")
+    cfg = load_pretrain_config("vits16")
     aug = MultiCropAugment(cfg.crops)
     items = [aug(smooth_image(500, 375, i), i) for i in range(32)]
     masks_rate = rate(lambda s: collate_crops(items, 16, MaskingConfig(), s), min_seconds)
@@ -109,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # per-core numbers
 
-    tiny = load_ssl_config("tiny").crops
+    tiny = load_pretrain_config("tiny").crops
     vit = CropsConfig(global_size=224, local_size=96, n_local=8)
     settings = [
         ("tiny preset 48+4x24 on 64x64", tiny, smooth_image(64, 64)),

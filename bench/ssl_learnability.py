@@ -83,10 +83,10 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
-    from gramline.config import load_ssl_config
     from gramline.data.synthetic import write_synthetic_dataset
     from gramline.models.io import build_random_backbone, load_backbone
     from gramline.train.export import list_teacher_checkpoints
+    from gramline.train.recipes.dino.config import load_pretrain_config
 
     data_dir, model_dir = args.out / "data", args.out / "model"
     if not (data_dir / "manifest.json").exists():
@@ -101,7 +101,7 @@ def main() -> None:
         cmd += ["--set", item]
     subprocess.run(cmd, check=True, env=env)
 
-    arch = load_ssl_config(args.preset, overrides=args.sets).backbone.arch
+    arch = load_pretrain_config(args.preset, overrides=args.sets).backbone.arch
     data, labels = targets(data_dir, seed=0, colour_class_prior=args.colour_class_prior)
     chance = {name: 1 / len(set(y.tolist())) for name, y in labels.items()}
     rows: list[dict[str, Any]] = []

@@ -6,7 +6,7 @@
 
 The data share is measured on the real batch source (shards → decode → multi-crop → collate) over
 a procedural dataset; the model sections (teacher, student forward, losses, backward, optimizer)
-on a fixed batch, timed by the engine's `section` hooks. FLOPs per step come from
+on a fixed batch, timed by the training runtime's `section` hooks. FLOPs per step come from
 torch.utils.flop_counter on one step; MFU = FLOPs / step time / peak bf16 FLOP/s of the device.
 All ratios are measured in the same run.
 """
@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gramline.config import SSLConfig, load_ssl_config
 from gramline.data.collate import CropBatch
-from gramline.data.shards import open_dataset
+from gramline.data.reader import open_dataset
 from gramline.data.synthetic import write_synthetic_dataset
 from gramline.train.data import batch_source
 from gramline.train.distributed import DistEnv
-from gramline.train.engine import SSLTrainer
+from gramline.train.loop import LoopSettings, TrainLoop
+from gramline.train.recipes.dino.config import DinoConfig, load_pretrain_config
+from gramline.train.recipes.dino.recipe import DinoRecipe
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
@@ -40,24 +41,24 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def make_trainer(config: SSLConfig, device: torch.device, out: Path, gram: bool) -> SSLTrainer:
+def make_trainer(config: DinoConfig, device: torch.device, out: Path, gram: bool) -> TrainLoop:
     env = DistEnv(0, 1, 0, device)
-    gram_teacher = None
+    gram_anchor = None
     if gram:
         from gramline.models.backbone import Backbone
 
-        gram_teacher = Backbone(config.backbone)
-    trainer = SSLTrainer(config, out, lambda step: iter(()), env, gram_teacher=gram_teacher, log=False)
-    trainer.student.train()
-    return trainer
+        gram_anchor = Backbone(config.backbone)
+    recipe = DinoRecipe(config, "bench", gram_anchor=gram_anchor, log=False)
+    return TrainLoop(recipe, lambda step: iter(()), env, out, LoopSettings.of(config.train),
+                     images_per_step=config.train.batch_size, log=False)
 
 
-def one_batch(config: SSLConfig, dataset: Path) -> CropBatch:
+def one_batch(config: DinoConfig, dataset: Path) -> CropBatch:
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     return next(batch_source(open_dataset(dataset), config, env)(0))
 
 
-def time_data(config: SSLConfig, dataset: Path, steps: int) -> float:
+def time_data(config: DinoConfig, dataset: Path, steps: int) -> float:
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     iterator = batch_source(open_dataset(dataset), config, env)(0)
     next(iterator)
@@ -67,24 +68,24 @@ def time_data(config: SSLConfig, dataset: Path, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def time_model(trainer: SSLTrainer, batch: CropBatch, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
+def time_model(trainer: TrainLoop, batch: CropBatch, steps: int, warmup: int) -> tuple[float, dict[str, float]]:
     for _ in range(warmup):
         trainer.train_step(batch)
-    trainer.section_times = {}
-    if trainer.device.type == "cuda":
+    trainer.runtime.section_times = {}
+    if trainer.runtime.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(batch)
-    if trainer.device.type == "cuda":
+    if trainer.runtime.device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / steps
-    sections = {k: v / steps for k, v in trainer.section_times.items()}
-    trainer.section_times = None
+    sections = {k: v / steps for k, v in trainer.runtime.section_times.items()}
+    trainer.runtime.section_times = None
     return per_step, sections
 
 
-def count_flops(trainer: SSLTrainer, batch: CropBatch) -> float:
+def count_flops(trainer: TrainLoop, batch: CropBatch) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
         trainer.train_step(batch)
@@ -93,7 +94,7 @@ def count_flops(trainer: SSLTrainer, batch: CropBatch) -> float:
 
 def bench_preset(name: str, overrides: list[str], device: torch.device, dataset: Path, steps: int, warmup: int,
                  data_steps: int, gram: bool) -> dict:
-    config = load_ssl_config(name, overrides=overrides)
+    config = load_pretrain_config(name, overrides=overrides)
     batch = one_batch(config, dataset)
     data_s = time_data(config, dataset, data_steps) if data_steps else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +112,7 @@ def bench_preset(name: str, overrides: list[str], device: torch.device, dataset:
             row["mfu"] = flops / step_s / peak
         del trainer
         if gram:
-            gram_config = load_ssl_config(name, overrides=overrides + [
+            gram_config = load_pretrain_config(name, overrides=overrides + [
                 f"crops.gram_size={2 * config.crops.global_size}", "gram.enabled=true", "gram.weight=1.0"])
             gram_batch = one_batch(gram_config, dataset)
             trainer = make_trainer(gram_config, device, Path(tmp), gram=True)

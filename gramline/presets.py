@@ -19,7 +19,6 @@ from typing import Any
 from gramline.errors import InputError
 
 Tree = dict[str, Any]
-SIZES = ("tiny", "vits16", "vitb16", "vitl16", "vit7b16")
 
 
 def schedule(start: float, peak: float, end: float, warmup_steps: int = 0, cosine_steps: int | None = None,
@@ -133,7 +132,7 @@ def _gram(steps: int, ramp: int, refresh_at: list[int], lr: Tree | None, checkpo
                   "gram_size_factor": 2.0, "lr": lr},
         "ema": {"momentum": constant(0.999)},
         "crops": {"gram_no_distortions": True},
-        "gram": {"img_level": True, "normalize": True},
+        "gram": {"enabled": True, "img_level": True, "normalize": True},
         "train": {"checkpoint_every": checkpoint_every, "teacher_checkpoint_every": teacher_every,
                   "log_every": log_every},
     }
@@ -172,11 +171,11 @@ def _highres(steps: int, lr_end: float, ramp: int, batch: int, resolutions: list
     0.999, WD 0.04, LR a half-cosine ramp 0 → end then constant, no last-layer freeze, KoLeo over
     groups of 16 samples."""
     return {
-        "phase": {"resolutions": resolutions, "gram_size_factor": 1.5, "koleo_group_size": 16},
+        "phase": {"resolutions": resolutions, "gram_size_factor": 1.5},
         "backbone": {"img_size": img_size},
         "crops": {"gram_no_distortions": True},
         "gram": {"enabled": True, "weight": constant(1.5), "img_level": True, "normalize": True},
-        "loss": {"teacher_temp": constant(0.07), "local_weight": constant(0.5)},
+        "loss": {"teacher_temp": constant(0.07), "local_weight": constant(0.5), "koleo_group_size": 16},
         "optim": {"lr": schedule(0.0, 0.0, lr_end, cosine_steps=ramp), "weight_decay": constant(0.04),
                   "freeze_last_layer_steps": 0},
         "ema": {"momentum": constant(0.999)},
@@ -253,5 +252,5 @@ def stage_preset(stage: str, name: str) -> Tree:
     naming `--preset` when the stage has no such preset."""
     table = PRESETS[stage]
     if name not in table:
-        raise InputError("--preset", f"{name!r} is not a {stage} preset", "one of " + ", ".join(table))
+        raise InputError("--preset", f"{name!r} is not a preset of the {stage} stage", "one of " + ", ".join(table))
     return {"preset": name, **copy.deepcopy(table[name])}

@@ -1,4 +1,4 @@
-"""Multi-crop augmentation, Gram-teacher crops and crop batching (reference dinov3_recipe.md §4)."""
+"""Multi-crop augmentation, Gram-teacher crops and crop batching (official `dinov3/data/augmentations.py`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms._functional_tensor import _get_gaussian_kernel1d
 
-from gramline.config import CropsConfig, MaskingConfig, load_ssl_config
 from gramline.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +24,9 @@ from gramline.data.augment import (
     random_resized_crop_box,
 )
 from gramline.data.collate import collate_crops
+from gramline.data.config import CropsConfig, MaskingConfig
 from gramline.errors import InputError
+from gramline.train.recipes.dino.config import load_pretrain_config
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -61,7 +62,7 @@ def all_tensors(cs: CropSet) -> list[torch.Tensor]:
 
 
 def test_same_seed_gives_identical_crops_whatever_the_global_rng_state() -> None:
-    aug = MultiCropAugment(load_ssl_config("tiny", overrides=["crops.gram_size=96"]).crops)
+    aug = MultiCropAugment(load_pretrain_config("tiny", overrides=["crops.gram_size=96"]).crops)
     image = noise_image(64, 64)
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     first = aug(image, seed=7)
@@ -77,7 +78,7 @@ def test_same_seed_gives_identical_crops_whatever_the_global_rng_state() -> None
 
 
 def test_tiny_preset_shapes_counts_and_normalisation() -> None:
-    crops = load_ssl_config("tiny").crops
+    crops = load_pretrain_config("tiny").crops
     cs = MultiCropAugment(crops)(noise_image(64, 64), seed=0)
     assert [tuple(t.shape) for t in cs.global_crops] == [(3, 48, 48)] * 2
     assert [tuple(t.shape) for t in cs.local_crops] == [(3, 24, 24)] * 4
@@ -312,13 +313,13 @@ def test_pil_blur_matches_torchvision_blur() -> None:
 @pytest.mark.parametrize("bad", [Image.new("RGB", (0, 0)), Image.new("RGB", (0, 5)), Image.new("L", (7, 0)),
                                  Image.new("La", (4, 4)), np.zeros((8, 8, 3), np.uint8)])
 def test_bad_images_raise_input_error(bad: object) -> None:
-    aug = MultiCropAugment(load_ssl_config("tiny").crops)
+    aug = MultiCropAugment(load_pretrain_config("tiny").crops)
     with pytest.raises(InputError, match="image"):
         aug(bad, seed=0)  # type: ignore[arg-type]
 
 
 def test_other_modes_are_converted_to_rgb() -> None:
-    aug = MultiCropAugment(load_ssl_config("tiny").crops)
+    aug = MultiCropAugment(load_pretrain_config("tiny").crops)
     for mode in ("L", "P", "RGBA", "CMYK", "I;16", "1"):
         cs = aug(noise_image(40, 30).convert(mode), seed=0)
         assert tuple(cs.global_crops[0].shape) == (3, 48, 48)
@@ -328,7 +329,7 @@ def test_other_modes_are_converted_to_rgb() -> None:
 
 
 def test_collate_is_crop_major_with_masks_for_global_crops() -> None:
-    cfg = load_ssl_config("tiny", overrides=["crops.gram_size=96"])
+    cfg = load_pretrain_config("tiny", overrides=["crops.gram_size=96"])
     aug = MultiCropAugment(cfg.crops)
     items = [aug(noise_image(64, 64, seed=i), seed=i) for i in range(6)]
     batch = collate_crops(items, patch_size=8, masking=cfg.masking, seed=11)
@@ -377,7 +378,7 @@ class _Images(Dataset):
 
 
 def test_dataloader_workers_do_not_change_the_batches() -> None:
-    cfg = load_ssl_config("tiny")
+    cfg = load_pretrain_config("tiny")
     dataset = _Images(MultiCropAugment(cfg.crops))
 
     def batches(workers: int) -> list:

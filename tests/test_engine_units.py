@@ -1,4 +1,4 @@
-"""Units of the SSL engine: schedules, LR scaling, parameter groups, EMA, backbone additions."""
+"""Units of the training code: schedules, LR scaling, parameter groups, EMA, backbone additions."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 import timm
 import torch
 
-from gramline.config import BackboneConfig, Schedule, load_ssl_config
 from gramline.models.backbone import Backbone, timm_spec
+from gramline.models.config import BackboneConfig
 from gramline.models.io import load_timm_backbone, save_weights
-from gramline.train.ema import update_ema
 from gramline.train.param_groups import build_param_groups, lr_multiplier, scaled_lr, wd_multiplier
+from gramline.train.recipes.dino.config import load_pretrain_config
+from gramline.train.schedules import Schedule
+from gramline.train.teachers import update_ema
 
 
 def test_warmup_then_constant_schedule_matches_hand_values() -> None:
@@ -25,24 +27,40 @@ def test_warmup_then_constant_schedule_matches_hand_values() -> None:
 
 
 def test_cosine_schedule_midpoint_and_end() -> None:
+    # the official cosine over the C = 91 remaining steps is cos(linspace(0, pi, 91)): its midpoint
+    # (step 10 + 45) is 0.5 and it reaches the end value on its last step, 10 + 90
     s = Schedule(start=0.0, peak=1.0, end=0.0, warmup_steps=10)
-    # cosine over the 90 remaining steps: halfway (step 55) is 0.5, the end is 0
-    assert s.at(55, 100) == pytest.approx(0.5)
-    assert s.at(10 + 30, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 90)))
-    assert s.at(100, 100) == pytest.approx(0.0)
+    assert s.at(55, 101) == pytest.approx(0.5)
+    assert s.at(10 + 30, 101) == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 90)))
+    assert s.at(100, 101) == pytest.approx(0.0)
+
+
+def test_cosine_matches_the_official_linspace_by_hand() -> None:
+    """cos(linspace(0, pi, 5)) = [1, sqrt(2)/2, 0, -sqrt(2)/2, -1], so a peak 1 -> end 0 cosine over
+    5 steps is (1 + cos)/2 = [1, (2 + sqrt 2)/4, 1/2, (2 - sqrt 2)/4, 0]: the end value on step 4,
+    one step earlier than cos(pi t / C) would reach it."""
+    s = Schedule(start=0.0, peak=1.0, end=0.0, cosine_steps=5)
+    r2 = 2 ** 0.5
+    assert [s.at(t, 100) for t in range(7)] == pytest.approx([1.0, (2 + r2) / 4, 0.5, (2 - r2) / 4, 0.0, 0.0, 0.0])
+    # with a warmup first (start 0 -> peak 2 over 4 steps: 0, 0.5, 1, 1.5) and an end of 1
+    w = Schedule(start=0.0, peak=2.0, end=1.0, warmup_steps=4, cosine_steps=3)  # cos(linspace(0, pi, 3)) = 1, 0, -1
+    assert [w.at(t, 100) for t in range(9)] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 1.5, 1.0, 1.0, 1.0])
+    # a one-step cosine is linspace(0, pi, 1) = [0]: the peak for that step, then the end
+    one = Schedule(start=0.0, peak=3.0, end=1.0, cosine_steps=1)
+    assert [one.at(t, 100) for t in range(3)] == [3.0, 1.0, 1.0]
 
 
 def test_delayed_ramp_is_zero_before_the_delay() -> None:
     # the Gram weight in the 7B recipe: 0 until 1M, cosine ramp to 2.0 over 1k steps, then held
-    s = Schedule(start=0.0, peak=0.0, end=2.0, warmup_steps=0, cosine_steps=1000, delay_steps=1_000_000)
+    s = Schedule(start=0.0, peak=0.0, end=2.0, warmup_steps=0, cosine_steps=1001, delay_steps=1_000_000)
     assert s.at(999_999, 1_200_000) == 0.0
-    assert s.at(1_000_500, 1_200_000) == pytest.approx(1.0)
+    assert s.at(1_000_500, 1_200_000) == pytest.approx(1.0)  # the middle of cos(linspace(0, pi, 1001))
     assert s.at(1_001_000, 1_200_000) == pytest.approx(2.0)
     assert s.at(1_100_000, 1_200_000) == pytest.approx(2.0)
 
 
 def test_scalar_override_means_constant_schedule() -> None:
-    config = load_ssl_config("tiny", overrides=["optim.lr=3e-4"])
+    config = load_pretrain_config("tiny", overrides=["optim.lr=3e-4"])
     assert (config.optim.lr.start, config.optim.lr.peak, config.optim.lr.end) == (3e-4, 3e-4, 3e-4)
 
 
@@ -73,9 +91,10 @@ def test_weight_decay_exclusions() -> None:
 
 
 def test_param_groups_cover_every_trainable_parameter_once() -> None:
-    from gramline.train.model import SSLModel
+    from gramline.train.recipes.dino.model import DinoModel
 
-    model = SSLModel(load_ssl_config("tiny"))
+    config = load_pretrain_config("tiny")
+    model = DinoModel(config.backbone, config.heads)
     groups = build_param_groups(model.backbone, model.heads(), 4, 0.9, 0.2)
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
@@ -163,8 +182,8 @@ def test_exported_backbone_loads_in_plain_timm_bit_exact(tmp_path: Path) -> None
 
 
 def test_mapping_override_updates_only_the_given_keys() -> None:
-    config = load_ssl_config("tiny", overrides=['optim.lr={"peak": 0.005}'])
-    tiny = load_ssl_config("tiny")
+    config = load_pretrain_config("tiny", overrides=['optim.lr={"peak": 0.005}'])
+    tiny = load_pretrain_config("tiny")
     assert config.optim.lr.peak == 0.005
     assert config.optim.lr.warmup_steps == tiny.optim.lr.warmup_steps and config.optim.lr.end == tiny.optim.lr.end
 
@@ -174,7 +193,7 @@ def test_json_overrides_flag_feeds_the_same_machinery() -> None:
     from gramline.stages.common import stage_parser
 
     args = stage_parser("x", "y").parse_args(["--overrides", '{"train.steps": 3, "optim.lr": 1e-3}', "--set", "train.steps=4"])
-    config = load_ssl_config("tiny", overrides=args.overrides)
+    config = load_pretrain_config("tiny", overrides=args.overrides)
     assert config.train.steps == 4 and config.optim.lr.peak == 1e-3  # --set wins over --overrides
     with pytest.raises(InputError, match="--overrides"):
         stage_parser("x", "y").parse_args(["--overrides", "[1, 2]"])

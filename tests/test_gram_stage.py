@@ -16,19 +16,21 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from gramline.artifacts import build_manifest, read_manifest, write_manifest
-from gramline.config import BackboneConfig, SSLConfig
 from gramline.data.augment import MultiCropAugment
 from gramline.data.collate import CropBatch, collate_crops
-from gramline.data.shards import iter_samples, open_dataset
+from gramline.data.reader import iter_samples, open_dataset
+from gramline.errors import InputError
 from gramline.losses.gram import gram_loss
 from gramline.models.backbone import Backbone
+from gramline.models.config import BackboneConfig
 from gramline.models.io import save_weights
-from gramline.phase_presets import load_gram_config
 from gramline.stages import anchor, gram
 from gramline.train.checkpoint import latest_checkpoint
 from gramline.train.data import batch_source
 from gramline.train.distributed import DistEnv
-from gramline.train.engine import SSLTrainer
+from gramline.train.recipes.dino.config import DinoConfig, load_gram_config
+from gramline.train.recipes.dino.recipe import DinoRecipe, gram_targets
+from gramline.train.recipes.dino.schedules import DinoSchedules
 
 S = 20  # the pretrain run's last step: where the gram phase takes over
 
@@ -60,25 +62,32 @@ def test_config_continues_the_run_and_ramps_from_its_last_step(run: TinyRun) -> 
     cfg = read_manifest(run.pretrain)["config"]
     # a pretrain whose teacher temperature was still warming up (the tiny preset's is constant)
     cfg["loss"]["teacher_temp"] = {"start": 0.04, "peak": 0.07, "end": 0.07, "warmup_steps": 50}
-    config = load_gram_config("tiny", None, ["phase.steps=12", "phase.ramp_steps=4", "phase.refresh_at=[3]"], cfg, S)
-    total = config.train.steps
+    config = load_gram_config("tiny", None, ["phase.steps=12", "phase.ramp_steps=4", "phase.refresh_at=[3]"], cfg)
+    schedules = DinoSchedules.of(config, start_step=S)  # what the recipe reads once it knows S
+    total = schedules.last_step
     assert total == S + 12
     assert config.gram.enabled and config.crops.gram_size == 2 * config.crops.global_size == 96
     assert config.crops.gram_no_distortions and config.gram.img_level and config.gram.normalize
-    # Gram weight: 0 until S, then a half-cosine ramp to 2.0 over 4 steps; DINO local 1 -> 0.5
-    w = [config.gram.weight.at(s, total) for s in (0, S, S + 2, S + 4, S + 11)]
-    assert w == pytest.approx([0.0, 0.0, 1.0, 2.0, 2.0])
-    lw = [config.loss.local_weight.at(s, total) for s in (S, S + 2, S + 4)]
-    assert lw == pytest.approx([1.0, 0.75, 0.5])
-    assert config.ema.momentum.at(S + 5, total) == pytest.approx(0.999)
+    values = {s: schedules.at(s, lr_scale=1.0).scalars for s in range(S + 12)}
+    # Gram weight: 0 until S, then a half-cosine ramp to 2.0 over 4 steps, cos(linspace(0, pi, 4)) =
+    # 1, 1/2, -1/2, -1: 2 * (1 - cos)/2 = 0, 0.5, 1.5, 2; DINO local 1 -> 0.5: 1, 0.875, 0.625, 0.5
+    w = [values[s]["gram_weight"] for s in (0, S, S + 2, S + 4, S + 11)]
+    assert w == pytest.approx([0.0, 0.0, 1.5, 2.0, 2.0])
+    lw = [values[s]["local_weight"] for s in (S, S + 2, S + 4)]
+    assert lw == pytest.approx([1.0, 0.625, 0.5])
+    assert values[S + 5]["momentum"] == pytest.approx(0.999)
     # schedules the phase does not set carry on: the tiny LR (warmup 20 to 2e-3, then constant) stays
     # at 2e-3 and the teacher temperature continues its warmup 0.04 -> 0.07 over 50 steps
-    assert config.optim.lr.at(S + 5, total) == pytest.approx(2e-3)
-    assert config.loss.teacher_temp.at(S + 5, total) == pytest.approx(0.04 + 0.03 * 25 / 50)
-    # an explicit absolute override wins over the derived schedule; phase.lr counts from S
-    other = load_gram_config("tiny", None, ["gram.weight=0.5", "phase.lr=1e-2"], cfg, S)
-    assert other.gram.weight.at(S + 30, other.train.steps) == 0.5
-    assert other.optim.lr.at(S + 1, other.train.steps) == pytest.approx(1e-2)
+    assert schedules.at(S + 5, lr_scale=1.0).optimizers["optimizer"].lr == pytest.approx(2e-3)
+    assert values[S + 5]["teacher_temp"] == pytest.approx(0.04 + 0.03 * 25 / 50)
+    # phase.weight without a ramp holds from S; phase.lr counts from S
+    other = DinoSchedules.of(load_gram_config("tiny", None, ["phase.weight=0.5", "phase.ramp_steps=0",
+                                                             "phase.lr=1e-2"], cfg), start_step=S)
+    assert other.at(S + 30, lr_scale=1.0).scalars["gram_weight"] == 0.5
+    assert other.at(S + 1, lr_scale=1.0).optimizers["optimizer"].lr == pytest.approx(1e-2)
+    # the Gram and local weights of this stage are the phase's ramps: setting them directly is refused
+    with pytest.raises(InputError, match="phase.weight"):
+        load_gram_config("tiny", None, ["gram.weight=0.5"], cfg)
 
 
 def test_gram_crops_are_the_global_crops_at_twice_the_size(run: TinyRun) -> None:
@@ -86,7 +95,7 @@ def test_gram_crops_are_the_global_crops_at_twice_the_size(run: TinyRun) -> None
     global crop (global crop 1 is never blurred in the official blur mode)."""
     cfg = read_manifest(run.pretrain)["config"]
     config = load_gram_config("tiny", None, ["crops.color_jitter_p=0", "crops.grayscale_p=0", "crops.solarize_p=0",
-                                             "crops.blur_mode=official"], cfg, S)
+                                             "crops.blur_mode=official"], cfg)
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     batch = next(iter(batch_source(open_dataset(run.dataset), config, env)(S)))
     assert batch.gram_crops is not None
@@ -111,10 +120,10 @@ class Watch:
     gram: dict[int, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def __call__(self, trainer: SSLTrainer, step: int) -> None:
-        assert trainer.gram_teacher is not None
-        self.gram[step] = trainer.gram_teacher.backbone.vit.patch_embed.proj.weight.detach().clone()
-        self.teacher[step] = trainer.teacher.backbone.vit.patch_embed.proj.weight.detach().clone()
+    def __call__(self, recipe: DinoRecipe, step: int) -> None:
+        assert recipe.gram_backbone is not None
+        self.gram[step] = recipe.gram_backbone.vit.patch_embed.proj.weight.detach().clone()
+        self.teacher[step] = recipe.teacher.model.backbone.vit.patch_embed.proj.weight.detach().clone()
 
 
 REFERENCE = ["phase.steps=8", "phase.ramp_steps=2", "phase.refresh_at=[3,5]", "train.checkpoint_every=2",
@@ -138,14 +147,15 @@ def test_the_pretrain_run_carries_on(run: TinyRun, reference: tuple[Path, Watch]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(S + 1, S + 9))
     state = final_state(out)
-    assert state["step"] == S + 8 and state["extra"]["continued_from"]["step"] == S
+    assert state["step"] == S + 8 and state["phase"]["start_step"] == S
     # AdamW's own step counter went on from the pretrain run's S steps
     adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {float(S + 8)}
-    # the Gram term and its weight are logged; the weight follows its ramp (logged after step k: value at k-1)
+    # the Gram term and its weight are logged; the weight follows its ramp (logged after step k: value at
+    # k-1); a 2-step ramp is cos(linspace(0, pi, 2)) = 1, -1: the end value from its second step on
     assert all("gram" in r and "gram_weight" in r and "local_weight" in r for r in rows)
-    assert [r["gram_weight"] for r in rows[:3]] == pytest.approx([0.0, 1.0, 2.0])
-    assert [r["local_weight"] for r in rows[:3]] == pytest.approx([1.0, 0.75, 0.5])
+    assert [r["gram_weight"] for r in rows[:3]] == pytest.approx([0.0, 2.0, 2.0])
+    assert [r["local_weight"] for r in rows[:3]] == pytest.approx([1.0, 0.5, 0.5])
     assert (out / "checkpoints" / f"teacher-{S + 4:08d}" / "manifest.json").is_file()
 
 
@@ -162,8 +172,8 @@ def test_refreshes_happen_exactly_at_the_configured_steps(anchor_dir: Path, refe
     assert not torch.equal(watch.teacher[S + 3], watch.teacher[S + 5])
     assert read_manifest(out)["gram_phase"]["refreshes"] == [S + 3, S + 5]
     state = final_state(out)
-    assert state["extra"]["gram_refreshes"] == [S + 3, S + 5]
-    assert torch.equal(state["gram_teacher"]["vit.patch_embed.proj.weight"], watch.teacher[S + 5])
+    assert state["gram_teacher"]["refreshes"] == [S + 3, S + 5]
+    assert torch.equal(state["gram_teacher"]["weights"]["vit.patch_embed.proj.weight"], watch.teacher[S + 5])
 
 
 class Interrupt(Exception):
@@ -176,7 +186,7 @@ def test_resume_after_interruption_is_exact(run: TinyRun, anchor_dir: Path, refe
     from the checkpoint at S+4 and ends bit-identical to the uninterrupted run."""
     out = tmp_path / "interrupted"
 
-    def crash(trainer: SSLTrainer, step: int) -> None:
+    def crash(recipe: DinoRecipe, step: int) -> None:
         if step == S + 5:
             raise Interrupt
 
@@ -188,10 +198,11 @@ def test_resume_after_interruption_is_exact(run: TinyRun, anchor_dir: Path, refe
         assert gram.main(gram_argv(run, anchor_dir, out, REFERENCE)) == 0
     expected, got = final_state(reference[0]), final_state(out)
     for part in ("student", "teacher", "gram_teacher"):
-        assert expected[part].keys() == got[part].keys()
-        for key in expected[part]:
-            assert torch.equal(expected[part][key], got[part][key]), (part, key)
-    assert got["extra"]["gram_refreshes"] == [S + 3, S + 5] and got["step"] == S + 8
+        want, have = (state[part].get("weights", state[part]) for state in (expected, got))
+        assert want.keys() == have.keys()
+        for key in want:
+            assert torch.equal(want[key], have[key]), (part, key)
+    assert got["gram_teacher"]["refreshes"] == [S + 3, S + 5] and got["step"] == S + 8
     assert read_manifest(out)["gram_phase"]["refreshes"] == [S + 3, S + 5]
 
 
@@ -208,18 +219,18 @@ class GramProbe:
     values: list[float] = field(default_factory=list)
     batch: CropBatch | None = None
 
-    def __call__(self, trainer: SSLTrainer, step: int) -> None:
-        assert trainer.gram_teacher is not None
+    def __call__(self, recipe: DinoRecipe, step: int) -> None:
+        assert recipe.gram_backbone is not None
         if self.batch is None:
-            augment = MultiCropAugment(trainer.config.crops)
+            augment = MultiCropAugment(recipe.config.crops)
             items = [augment(s["image"], seed=i) for i, s in zip(range(16), iter_samples(self.dataset, "eval"))]
-            self.batch = collate_crops(items, 8, trainer.config.masking, seed=0)
+            self.batch = collate_crops(items, 8, recipe.config.masking, seed=0)
         batch = self.batch
         side = batch.global_crops.shape[-1] // 8
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
-            patches = trainer.student.backbone.forward_group(batch.global_crops, batch.masks)["patches"]
-            target = trainer.gram_teacher.patch_grid(batch.gram_crops, (side, side))
+            patches = recipe.student.backbone.forward_group(batch.global_crops, batch.masks)["patches"]
+            target = gram_targets(recipe.gram_backbone, batch.gram_crops, (side, side))
             self.values.append(float(gram_loss(patches, target)))
 
 
@@ -260,9 +271,9 @@ def test_ema_teacher_option_anchors_to_the_live_teacher(run: TinyRun, tmp_path: 
     out = tmp_path / "ema"
     seen = []
 
-    def check(trainer: SSLTrainer, step: int) -> None:
-        assert trainer.gram_teacher is not None
-        seen.append(trainer.gram_teacher.backbone is trainer.teacher.backbone)
+    def check(recipe: DinoRecipe, step: int) -> None:
+        assert recipe.gram_backbone is not None
+        seen.append(recipe.gram_backbone is recipe.teacher.model.backbone)
 
     with one_thread():
         assert gram.main(gram_argv(run, None, out, ["phase.steps=2", "phase.ema_teacher=true", "phase.refresh_at=[]", "train.log_every=1"]),
@@ -285,7 +296,7 @@ def other_arch_anchor(directory: Path) -> Path:
     from gramline.models.io import timm_manifest_entry
 
     name, kwargs = timm_spec(BackboneConfig(arch="small", img_size=64))
-    write_manifest(directory, build_manifest("Model", "anchor", config=SSLConfig().model_dump(mode="json"),
+    write_manifest(directory, build_manifest("Model", "anchor", config=DinoConfig().model_dump(mode="json"),
                                              timm=timm_manifest_entry(name, kwargs), arch="small"))
     return directory
 

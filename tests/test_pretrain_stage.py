@@ -12,14 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gramline.config import load_ssl_config
 from gramline.data.collate import CropBatch
-from gramline.data.shards import open_dataset
+from gramline.data.reader import open_dataset
 from gramline.data.synthetic import write_synthetic_dataset
 from gramline.stages import pretrain
 from gramline.train.data import batch_source
 from gramline.train.distributed import DistEnv
-from gramline.train.engine import SSLTrainer, TrainingDiverged
+from gramline.train.loop import LoopSettings, TrainingDiverged, TrainLoop
+from gramline.train.recipes.dino.config import load_pretrain_config
+from gramline.train.recipes.dino.recipe import DinoRecipe
 
 QUICK = ["train.batch_size=8", "train.log_every=2", "heads.dino_prototypes=64", "heads.ibot_prototypes=64",
          "heads.dino_hidden=64", "heads.ibot_hidden=64", "crops.n_local=2"]
@@ -49,21 +50,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(small_dataset: Path, tm
 
     resumed = tmp_path / "resumed"
     argv = ["--dataset", str(small_dataset), "--out-model", str(resumed), *sum((["--set", o] for o in QUICK + steps), [])]
-    original_fit = SSLTrainer.fit
 
-    def crashing_fit(self: SSLTrainer, *a, **k):  # type: ignore[no-untyped-def]
-        def crash(trainer: SSLTrainer, step: int) -> None:
-            if step == 5:  # after the step-3 checkpoint, before the step-6 one
-                raise Interrupt
-        self.hooks.after_step.append(crash)
-        return original_fit(self, *a, **k)
+    def crash(recipe: DinoRecipe, step: int) -> None:
+        if step == 5:  # after the step-3 checkpoint, before the step-6 one
+            raise Interrupt
 
-    SSLTrainer.fit = crashing_fit  # type: ignore[method-assign]
-    try:
-        with pytest.raises(Interrupt):
-            pretrain.main(argv)
-    finally:
-        SSLTrainer.fit = original_fit  # type: ignore[method-assign]
+    with pytest.raises(Interrupt):
+        pretrain.main(argv, hooks=[crash])
     assert not (resumed / "manifest.json").exists()  # no final artifact from a killed run
     assert sorted(p.name for p in (resumed / "state").iterdir()) == ["step-00000003"]
 
@@ -116,8 +109,8 @@ def test_missing_or_empty_dataset_exits_2(tmp_path: Path) -> None:
 
 
 def test_dataset_without_train_split_exits_2(tmp_path: Path) -> None:
-    from gramline.data.shards import DatasetWriter, ShardSample
     from gramline.data.synthetic import CLASSES, encode_png, render_sample
+    from gramline.data.writer import DatasetWriter, ShardSample
 
     data = tmp_path / "evalonly"
     with DatasetWriter(data, stage="test") as writer:
@@ -148,14 +141,16 @@ def test_executor_output_carries_uri_and_metrics(small_dataset: Path, tmp_path: 
 
 
 def test_repeated_nan_losses_abort(small_dataset: Path, tmp_path: Path) -> None:
-    config = load_ssl_config("tiny", overrides=QUICK + ["train.steps=10", "train.max_nan_steps=2"])
+    config = load_pretrain_config("tiny", overrides=QUICK + ["train.steps=10", "train.max_nan_steps=2"])
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     batch = next(batch_source(open_dataset(small_dataset), config, env)(0))
     poisoned = CropBatch(batch.global_crops * float("nan"), batch.local_crops, None, batch.masks, batch.batch_size)
-    trainer = SSLTrainer(config, tmp_path, lambda step: iter(()), env, log=False)
-    before = [p.detach().clone() for p in trainer.student.parameters()]
+    recipe = DinoRecipe(config, "pretrain", log=False)
+    trainer = TrainLoop(recipe, lambda step: iter(()), env, tmp_path, LoopSettings.of(config.train), images_per_step=8,
+                        log=False)
+    before = [p.detach().clone() for p in recipe.student.parameters()]
     assert trainer.train_step(poisoned) is None and trainer.train_step(poisoned) is None  # skipped, not applied
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, recipe.student.parameters()))
     with pytest.raises(TrainingDiverged, match="3 consecutive"):
         trainer.train_step(poisoned)
 
@@ -176,6 +171,48 @@ def test_two_process_torchrun_on_cpu(small_dataset: Path, tmp_path: Path) -> Non
     assert (state / "rank-0.pt").is_file() and (state / "rank-1.pt").is_file()
     # global batch = 2 ranks x 8: the sqrt LR scaling used 16
     lr = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    config = load_ssl_config("tiny", overrides=QUICK)
+    config = load_pretrain_config("tiny", overrides=QUICK)
     expected = config.optim.lr.at(4 - 1, 4) * 4 * (16 / 1024) ** 0.5
     assert lr[-1] == pytest.approx(expected)
+
+
+def to_first_layout(checkpoint: Path) -> None:
+    """Rewrite a checkpoint as gramline 0.1 wrote it: model.pt {student, teacher, optimizer,
+    gram_teacher, step, extra}, rank files {step, rng, nan_streak}, no layout keys, no meta.json."""
+    state = torch.load(checkpoint / "model.pt", weights_only=True)
+    old = {"student": state["student"], "teacher": state["teacher"], "optimizer": state["optimizer"],
+           "gram_teacher": None, "step": state["step"], "extra": {"config": {}}}
+    torch.save(old, checkpoint / "model.pt")
+    for rank_file in checkpoint.glob("rank-*.pt"):
+        rank = torch.load(rank_file, weights_only=True)
+        torch.save({"step": rank["step"], "rng": rank["rng"], "nan_streak": rank["nan_streak"]}, rank_file)
+    (checkpoint / "meta.json").unlink()
+
+
+def test_checkpoints_of_the_first_layout_resume_and_unknown_layouts_are_refused(small_dataset: Path,
+                                                                                 tmp_path: Path) -> None:
+    steps = ["train.steps=6", "train.checkpoint_every=3", "train.teacher_checkpoint_every=0"]
+    argv = lambda out: ["--dataset", str(small_dataset), "--out-model", str(out),
+                        *sum((["--set", o] for o in QUICK + steps), [])]
+    clean, old = tmp_path / "clean", tmp_path / "old"
+    assert pretrain.main(argv(clean)) == 0
+
+    def crash(recipe: DinoRecipe, step: int) -> None:
+        if step == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain.main(argv(old), hooks=[crash])
+    to_first_layout(old / "state" / "step-00000003")
+    assert pretrain.main(argv(old)) == 0
+    for name in ("backbone.safetensors", "heads.safetensors"):
+        a, b = load_file(str(clean / name)), load_file(str(old / name))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+
+    future = tmp_path / "future"
+    with pytest.raises(Interrupt):
+        pretrain.main(argv(future), hooks=[crash])
+    state = torch.load(future / "state" / "step-00000003" / "model.pt", weights_only=True)
+    torch.save({**state, "layout": 99}, future / "state" / "step-00000003" / "model.pt")
+    result = run_cli(*argv(future))
+    assert result.returncode == 2 and "layout 99" in result.stderr and "Traceback" not in result.stderr

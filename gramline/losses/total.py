@@ -1,4 +1,5 @@
-"""The recipe's total loss (reference §1.6) and the DINO pair weights.
+"""Composing a total loss from named terms, and the DINO recipe's weights (DINOv3 paper §3, official
+`dinov3/train/ssl_meta_arch.py::compute_losses`).
 
 L = w_dino · [local_scale · w_local(it) · L_dino_local + global_scale · L_dino_global]
   + w_koleo · n_g · mean_crops(L_koleo) + w_ibot · L_ibot + w_gram(it) · L_gram
@@ -6,14 +7,13 @@ L = w_dino · [local_scale · w_local(it) · L_dino_local + global_scale · L_di
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from gramline.errors import InputError
-
-TERMS = ("dino_local", "dino_global", "koleo", "ibot", "gram")
 
 
 def dino_pair_weights(n_global: int, n_local: int) -> tuple[float, float]:
@@ -45,33 +45,40 @@ class LossWeights:
     n_local: int = 8
 
 
-def combine_losses(terms: dict[str, Tensor], weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of the present loss terms, and a log dict of floats.
+def weighted_sum(terms: Mapping[str, Tensor], factors: Mapping[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """Σ factors[name] · mean(terms[name]) over the terms present, summed in the order of `factors`.
 
-    Keys of `terms`: dino_local, dino_global, koleo, ibot, gram; absent ones are skipped. `koleo`
-    is either the per-global-crop losses [n_g] or their mean (a scalar). The log dict has each
-    term unweighted under its own name, weighted under `<name>_weighted`, and `total`; it is
-    read back from the device in one transfer.
+    Any recipe composes its total this way: a term is a tensor (a scalar, or several values that are
+    averaged, e.g. KoLeo per global crop) under a name with a factor for this step. The log dict
+    has each term unweighted under its name, weighted under `<name>_weighted`, and `total`; it is
+    read back from the device in one transfer. A term without a factor is an error.
     """
-    unknown = sorted(set(terms) - set(TERMS))
+    unknown = sorted(set(terms) - set(factors))
     if unknown:
-        raise ValueError(f"combine_losses got unknown terms {unknown}; known: {list(TERMS)}")
-    if not terms:
-        raise ValueError("combine_losses got no loss terms")
+        raise ValueError(f"loss terms {unknown} are unknown here; known: {list(factors)}")
+    names = [name for name in factors if name in terms]
+    if not names:
+        raise ValueError("no loss terms to combine")
+    raw = [terms[name].float().mean() for name in names]
+    weighted = [factors[name] * value for name, value in zip(names, raw)]
+    total = torch.stack(weighted).sum()
+    values = torch.stack([*raw, *weighted, total]).detach().cpu().tolist()
+    return total, dict(zip([*names, *(f"{n}_weighted" for n in names), "total"], values))
+
+
+def dino_factors(weights: LossWeights) -> dict[str, float]:
+    """The factor of each DINO-recipe term, in the official order of summation."""
     local_scale, global_scale = dino_pair_weights(weights.n_global, weights.n_local)
-    factors = {
+    return {
         "dino_local": weights.dino * local_scale * weights.local,
         "dino_global": weights.dino * global_scale,
         "koleo": weights.koleo * weights.n_global,
         "ibot": weights.ibot,
         "gram": weights.gram,
     }
-    names = [name for name in TERMS if name in terms]
-    raw = [
-        terms[name].float().mean() if name == "koleo" else terms[name].float().reshape(()) for name in names
-    ]
-    weighted = [factors[name] * value for name, value in zip(names, raw)]
-    total = torch.stack(weighted).sum()
-    values = torch.stack([*raw, *weighted, total]).detach().cpu().tolist()
-    log = dict(zip([*names, *(f"{n}_weighted" for n in names), "total"], values))
-    return total, log
+
+
+def combine_losses(terms: Mapping[str, Tensor], weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
+    """The DINO recipe's total: `weighted_sum` of dino_local, dino_global, koleo, ibot and gram
+    (absent ones are skipped); `koleo` is the per-global-crop losses [n_g] or their mean."""
+    return weighted_sum(terms, dino_factors(weights))

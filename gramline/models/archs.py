@@ -1,4 +1,4 @@
-"""Named backbone architectures, all built from timm's DINOv3 ViT classes (reference §3.1).
+"""Named backbone architectures, all built from timm's DINOv3 ViT classes (sizes as in the official `dinov3/hub/backbones.py`).
 
 `tiny` is the same Eva class as ViT-S/16 with small width, depth and patch, so CPU runs exercise
 the real code path.

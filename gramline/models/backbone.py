@@ -1,4 +1,4 @@
-"""The training backbone: timm's DINOv3 ViT (Eva) plus what SSL training needs (reference §3.1, §10).
+"""The training backbone: timm's DINOv3 ViT (Eva) plus what SSL training needs (official `dinov3/models/vision_transformer.py`).
 
 Added on top of timm: the iBOT mask token (masked patch embeddings replaced before the prefix
 tokens are prepended), the student-only RoPE coordinate rescale (timm gates it on `training`;
@@ -10,15 +10,16 @@ its state dict is exported as is and loads into plain timm.
 
 from __future__ import annotations
 
-from typing import Sequence, TypedDict
+from collections.abc import Sequence
+from typing import TypedDict
 
 import timm
-from timm.layers import DropPath
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 
-from gramline.config import BackboneConfig
-from gramline.models.presets import ARCHS, Arch
+from gramline.models.archs import ARCHS, Arch
+from gramline.models.config import BackboneConfig
 
 
 class Tokens(TypedDict):

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from gramline.artifacts import read_manifest
 from gramline.errors import InputError
-from gramline.models.presets import ARCHS
+from gramline.models.archs import ARCHS
 
 BACKBONE_FILE = "backbone.safetensors"
 HEADS_FILE = "heads.safetensors"

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from gramline.artifacts import uri_for, write_executor_output
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError

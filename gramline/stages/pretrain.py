@@ -1,4 +1,4 @@
-"""pretrain: DINOv3 SSL pretraining (DINO + iBOT + KoLeo) on a Dataset's train shards.
+"""pretrain: DINOv3 self-supervised pretraining (DINO + iBOT + KoLeo) on a Dataset's train shards.
 
     python -m gramline.stages.pretrain --dataset DIR --out-model DIR [--preset tiny]
         [--config FILE] [--set key=value ...] [--executor-output FILE] [--output-uri model=URI]
@@ -9,38 +9,31 @@ again on the same --out-model it resumes from the last complete checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gramline.artifacts import lineage_entry
-from gramline.config import load_ssl_config
-from gramline.data.shards import open_dataset
-from gramline.stages.common import run_stage, stage_parser
-from gramline.train import distributed
+from gramline.stages.common import emit_executor_output, run_stage, stage_parser
 from gramline.train.data import batch_source
-from gramline.train.engine import SSLTrainer
-from gramline.train.run import check_resume_compatible, train_and_export
+from gramline.train.recipes.dino.config import load_pretrain_config
+from gramline.train.recipes.dino.recipe import DinoRecipe
+from gramline.train.run import StepHook, TrainingRun, run_training
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -> int:
+    """`hooks(recipe, step)` run after every step (tests use them to interrupt a run)."""
     parser = stage_parser("pretrain", "DINOv3 SSL pretraining")
     parser.add_argument("--dataset", type=Path, required=True, help="Dataset artifact directory")
     parser.add_argument("--out-model", type=Path, required=True, help="output Model artifact directory")
     args = parser.parse_args(argv)
 
-    config = load_ssl_config(args.preset, args.config, args.overrides)
-    info = open_dataset(args.dataset)
-    info.shard_counts("train")
-    check_resume_compatible(args.out_model, config)
-
-    env = distributed.setup()
-    try:
-        out_dir: Path = args.out_model
-        out_dir.mkdir(parents=True, exist_ok=True)
-        trainer = SSLTrainer(config, out_dir, batch_source(info, config, env), env, stage="pretrain")
-        train_and_export(args, trainer, out_dir, "pretrain", [lineage_entry("dataset", args.dataset)])
-    finally:
-        distributed.teardown()
+    config = load_pretrain_config(args.preset, args.config, args.overrides)
+    result = run_training(TrainingRun(
+        stage="pretrain", config=config, dataset=args.dataset, out_dir=args.out_model,
+        recipe=DinoRecipe(config, "pretrain"), batches=lambda info, env: batch_source(info, config, env),
+        inputs=[lineage_entry("dataset", args.dataset)], hooks=hooks))
+    if result is not None:
+        emit_executor_output(args, {"model": (args.out_model, result.metadata)})
     return 0
 
 

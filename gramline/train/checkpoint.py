@@ -1,9 +1,15 @@
-"""Complete, atomic training checkpoints under `<out>/state/step-XXXXXXXX/`.
+"""Complete, atomic training checkpoints over a run's stateful parts: `<out>/state/step-XXXXXXXX/`.
 
-A checkpoint directory holds `model.pt` (student, teacher, optimizer: full state dicts, so DDP and
-FSDP2 runs save the same portable thing) and one `rank-R.pt` per rank (data position and RNG
-states). It is written under a temp name and renamed, so a directory named `step-*` is always
-complete; loading uses `weights_only=True`.
+A checkpoint directory holds
+- `model.pt`: `{"layout": 2, "step": S, <part name>: <part state dict>, ...}` for every part the
+  recipe and the loop name (student, teacher, optimizer, ...), as full (unsharded) state dicts, so
+  DDP and FSDP2 runs save the same portable thing; written by rank 0;
+- `rank-R.pt`: what differs per rank (RNG states, the NaN streak);
+- `meta.json`: small facts (step, layout, the run's config) that can be read without the weights.
+
+It is written under a temp name and renamed, so a directory named `step-*` is always complete.
+Loading uses `weights_only=True`. Checkpoints of the first layout (no "layout" key; gramline 0.1)
+are converted by the recipe's `upgrade` function, or refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,8 +29,17 @@ from gramline.errors import InputError
 from gramline.io import atomic_path, remove_stale_temps
 from gramline.train import distributed
 
+LAYOUT = 2
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
+Upgrade = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,12 +70,13 @@ def _as_tuple(value: Any) -> Any:
 
 
 def list_checkpoints(state_dir: Path) -> list[tuple[int, Path]]:
+    state_dir = Path(state_dir)
     if not state_dir.is_dir():
         return []
     found = []
     for entry in state_dir.iterdir():
         match = STEP_DIR.match(entry.name)
-        if match and (entry / "model.pt").is_file():
+        if match and (entry / MODEL_FILE).is_file():
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -69,37 +86,77 @@ def latest_checkpoint(state_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(state_dir: Path, step: int, model_state: dict[str, Any] | None, rank_state: dict[str, Any],
-                    rank: int, keep: int, meta: dict[str, Any] | None = None) -> Path:
-    """Every rank calls this; rank 0 owns the directory and the rename. `meta` (small, JSON) goes to
-    `meta.json`, so a resume check can read the run's config without loading the weights."""
-    final = state_dir / f"step-{step:08d}"
-    tmp_name = state_dir / f".step-{step:08d}.writing"
-    if rank == 0:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(state_dir)
-        shutil.rmtree(tmp_name, ignore_errors=True)
-        tmp_name.mkdir()
-    distributed.barrier()
-    torch.save(rank_state, tmp_name / f"rank-{rank}.pt")
-    if rank == 0 and model_state is not None:
-        torch.save(model_state, tmp_name / "model.pt")
-        if meta is not None:
-            (tmp_name / META_FILE).write_text(json.dumps(meta, default=str))
-    distributed.barrier()
-    if rank == 0:
-        with atomic_path(final) as tmp:
-            tmp_name.rename(tmp)
-        for _, old in list_checkpoints(state_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
-    return final
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json ({} when absent: checkpoints of the first layout may lack it)."""
+    meta = Path(path) / META_FILE
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    rank_file = path / f"rank-{rank}.pt"
-    if not rank_file.is_file():
-        raise InputError(str(path), f"has no training state for rank {rank}", "a resume with the same world size")
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-    return model_state, rank_state
+def read_model_state(path: Path, upgrade: Upgrade | None = None, mmap: bool = False) -> dict[str, Any]:
+    """`model.pt` of a checkpoint in the current layout (converted from the first one by `upgrade`);
+    `mmap` for a look that does not copy the weights into memory."""
+    state = torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True, mmap=mmap)
+    layout = state.get("layout", 1)
+    if layout == LAYOUT:
+        return state
+    if layout == 1 and upgrade is not None:
+        return upgrade(state)
+    raise InputError(str(path), f"is a checkpoint of layout {layout}, which this gramline version cannot read",
+                     f"a checkpoint of layout {LAYOUT}" + (" or 1" if upgrade else "") +
+                     " (written by a gramline version of the same training stage)")
+
+
+class Checkpointer:
+    """Saves and loads the parts of a run; every rank calls save/load (full state dicts of sharded
+    parts are gathered collectively), rank 0 owns the directory and the rename."""
+
+    def __init__(self, state_dir: Path, rank: int, keep: int, upgrade: Upgrade | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.rank = rank
+        self.keep = keep
+        self.upgrade = upgrade
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.state_dir)
+
+    def save(self, step: int, parts: Mapping[str, Stateful], rank_state: Mapping[str, Any],
+             meta: Mapping[str, Any]) -> Path:
+        model_state = {"layout": LAYOUT, "step": step, **{name: part.state_dict() for name, part in parts.items()}}
+        final = self.state_dir / f"step-{step:08d}"
+        tmp = self.state_dir / f".step-{step:08d}.writing"
+        if self.rank == 0:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.state_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        distributed.barrier()
+        torch.save({"layout": LAYOUT, "step": step, **rank_state}, tmp / f"rank-{self.rank}.pt")
+        if self.rank == 0:
+            torch.save(model_state, tmp / MODEL_FILE)
+            (tmp / META_FILE).write_text(json.dumps({"layout": LAYOUT, "step": step, **meta}, default=str))
+        distributed.barrier()
+        if self.rank == 0:
+            with atomic_path(final) as target:
+                tmp.rename(target)
+            for _, old in list_checkpoints(self.state_dir)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+        return final
+
+    def load(self, path: Path, parts: Mapping[str, Stateful], optional: Iterable[str] = ()) -> tuple[int, dict]:
+        """Load `parts` from checkpoint `path`; a part named in `optional` may be absent from it.
+        Returns (step, this rank's state)."""
+        state = read_model_state(path, self.upgrade)
+        missing = [name for name in parts if name not in state and name not in set(optional)]
+        if missing:
+            raise InputError(str(path), f"has no {', '.join(missing)} state",
+                             "a checkpoint of the same kind of run (its parts: " +
+                             ", ".join(k for k in state if k not in ("layout", "step")) + ")")
+        for name, part in parts.items():
+            if name in state:
+                part.load_state_dict(state[name])
+        rank_file = Path(path) / f"rank-{self.rank}.pt"
+        if not rank_file.is_file():
+            raise InputError(str(path), f"has no training state for rank {self.rank}",
+                             "a resume with the same number of processes")
+        return int(state["step"]), torch.load(rank_file, map_location="cpu", weights_only=True)

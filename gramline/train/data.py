@@ -8,19 +8,20 @@ would have seen from step s on, whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from gramline.config import SSLConfig
 from gramline.data.augment import CropSet, MultiCropAugment
 from gramline.data.collate import CropBatch, collate_crops
-from gramline.data.shards import DatasetInfo
-from gramline.models.presets import ARCHS
+from gramline.data.config import MaskingConfig
+from gramline.data.reader import DatasetInfo
+from gramline.models.archs import ARCHS
 from gramline.train.distributed import DistEnv
+from gramline.train.recipes.dino.config import DinoConfig
 
 
 def derive_seed(*parts: int) -> int:
@@ -49,17 +50,17 @@ class AugmentSample:
 @dataclass
 class CollateBatch:
     patch_size: int
-    config: SSLConfig
+    masking: MaskingConfig
     seed: int
     rank: int
 
     def __call__(self, items: list[tuple[int, CropSet]]) -> CropBatch:
         step = items[0][0] // len(items)
         seed = derive_seed(self.seed, self.rank, step, 7)
-        return collate_crops([crops for _, crops in items], self.patch_size, self.config.masking, seed)
+        return collate_crops([crops for _, crops in items], self.patch_size, self.masking, seed)
 
 
-def batch_source(info: DatasetInfo, config: SSLConfig, env: DistEnv,
+def batch_source(info: DatasetInfo, config: DinoConfig, env: DistEnv,
                  augments: Sequence[MultiCropAugment] | None = None,
                  choose: Callable[[int], int] | None = None) -> Callable[[int], Iterator[CropBatch]]:
     batch_size = config.train.batch_size
@@ -78,7 +79,7 @@ def batch_source(info: DatasetInfo, config: SSLConfig, env: DistEnv,
         workers = config.data.num_workers
         loader = DataLoader(
             stream, batch_size=batch_size, num_workers=workers,
-            collate_fn=CollateBatch(patch_size, config, seed, env.rank),
+            collate_fn=CollateBatch(patch_size, config.masking, seed, env.rank),
             pin_memory=env.device.type == "cuda", prefetch_factor=4 if workers else None,
             persistent_workers=False,
             # its own generator: creating the loader must not draw from the global RNG, whose state

@@ -1,13 +1,16 @@
-"""Process-group setup for `torchrun` (gloo on CPU, NCCL on GPU) and small collective helpers."""
+"""Process-group setup for `torchrun` (gloo on CPU, NCCL on GPU), model wrapping (DDP, FSDP2) and
+small collective helpers."""
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not is_enabled():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
+def parallelize(model: nn.Module, env: DistEnv, mode: str, compile_blocks: bool,
+                also_shard: Sequence[nn.Module] = ()) -> nn.Module:
+    """The module to call in the training forward: `model` itself on one process or under FSDP2
+    (then `model` and `also_shard` are sharded block by block in place), else DDP around it.
+    `compile_blocks` compiles each transformer block and head (`torch.compile`)."""
+    if compile_blocks:
+        for block in model.backbone.vit.blocks:
+            block.compile()
+        for head in model.heads().values():
+            head.compile()
+    if not env.enabled:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (model, *also_shard):
+            for block in module.backbone.vit.blocks:
+                fully_shard(block)
+            fully_shard(module)
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False)

@@ -1,4 +1,4 @@
-"""Write Model artifacts from a trainer: the teacher's backbone in timm layout, its heads, manifest.
+"""Model artifacts from a trained DINO model: the backbone in timm layout, its heads, the manifest.
 
 Used for the final export of every training stage and for the periodic teacher checkpoints the
 anchor stage chooses from (`checkpoints/teacher-XXXXXXXX/`, each a complete Model artifact).
@@ -7,51 +7,38 @@ anchor stage chooses from (`checkpoints/teacher-XXXXXXXX/`, each a complete Mode
 from __future__ import annotations
 
 import re
-import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from pydantic import BaseModel
 
 from gramline.artifacts import build_manifest, write_manifest
-from gramline.config import SSLConfig, dump_config
-from gramline.io import atomic_path
-from gramline.models.backbone import timm_spec
+from gramline.config import dump_config
+from gramline.models.backbone import Backbone, timm_spec
+from gramline.models.config import BackboneConfig
 from gramline.models.io import BACKBONE_FILE, HEADS_FILE, save_weights, timm_manifest_entry
-from gramline.train.model import SSLModel
 
 TEACHER_DIR = re.compile(r"^teacher-(\d{8})$")
 
 
-def _write_model_files(directory: Path, teacher: SSLModel, config: SSLConfig, stage: str, step: int,
-                       inputs: list[dict[str, Any]], metrics: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
-    name, kwargs = timm_spec(config.backbone)
-    save_weights(directory / BACKBONE_FILE, teacher.backbone.vit.state_dict(), {"format": "pt", "timm_model": name})
-    heads = {f"{head}.{key}": value for head, module in teacher.heads().items()
-             for key, value in module.state_dict().items()}
-    heads["mask_token"] = teacher.backbone.mask_token
-    save_weights(directory / HEADS_FILE, heads, {"format": "pt"})
-    manifest = build_manifest(
-        "Model", stage, config=dump_config(config), inputs=inputs, counts={"step": step}, metrics=dict(metrics),
-        timm=timm_manifest_entry(name, kwargs), arch=config.backbone.arch, step=step,
-        embed_dim=teacher.backbone.embed_dim, patch_size=teacher.backbone.patch_size,
-        img_size=config.backbone.img_size, **extra,
+def write_model_artifact(directory: Path, backbone: Backbone, heads: Mapping[str, Any], backbone_config: BackboneConfig,
+                         config: BaseModel, stage: str, step: int, metrics: Mapping[str, Any],
+                         **manifest: Any) -> dict[str, Any]:
+    """`backbone.safetensors` (timm keys), `heads.safetensors` (each head's weights under its name,
+    and the mask token), then `manifest.json`; `manifest` entries (inputs, phase records) go into it."""
+    name, kwargs = timm_spec(backbone_config)
+    save_weights(directory / BACKBONE_FILE, backbone.vit.state_dict(), {"format": "pt", "timm_model": name})
+    weights = {f"{head}.{key}": value for head, module in heads.items() for key, value in module.state_dict().items()}
+    weights["mask_token"] = backbone.mask_token
+    save_weights(directory / HEADS_FILE, weights, {"format": "pt"})
+    record = build_manifest(
+        "Model", stage, config=dump_config(config), inputs=list(manifest.pop("inputs", [])), counts={"step": step},
+        metrics=dict(metrics), timm=timm_manifest_entry(name, kwargs), arch=backbone_config.arch, step=step,
+        embed_dim=backbone.embed_dim, patch_size=backbone.patch_size, img_size=backbone_config.img_size, **manifest,
     )
-    write_manifest(directory, manifest)
-    return manifest
-
-
-def export_model(out_dir: Path, teacher: SSLModel, config: SSLConfig, stage: str, step: int,
-                 inputs: list[dict[str, Any]], metrics: Mapping[str, Any], **extra: Any) -> dict:
-    """Final export into the stage's output directory (manifest written last)."""
-    return _write_model_files(out_dir, teacher, config, stage, step, inputs, metrics, extra)
-
-
-def export_teacher_checkpoint(out_dir: Path, teacher: SSLModel, config: SSLConfig, stage: str, step: int,
-                              inputs: list[dict[str, Any]], metrics: Mapping[str, Any]) -> Path:
-    final = out_dir / "checkpoints" / f"teacher-{step:08d}"
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        _write_model_files(tmp, teacher, config, stage, step, inputs, metrics, {"checkpoint_of": str(out_dir)})
-    return final
+    write_manifest(directory, record)
+    return record
 
 
 def list_teacher_checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
@@ -61,9 +48,3 @@ def list_teacher_checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := TEACHER_DIR.match(p.name))
              and (p / "manifest.json").is_file()]
     return sorted(found)
-
-
-def remove_partial_output(out_dir: Path) -> None:
-    """Drop an output directory this process created before anything complete was written."""
-    if out_dir.exists() and not any(out_dir.iterdir()):
-        shutil.rmtree(out_dir, ignore_errors=True)

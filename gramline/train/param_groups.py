@@ -1,4 +1,4 @@
-"""AdamW parameter groups (reference §5): layer-wise LR decay, patch-embed LR multiplier,
+"""AdamW parameter groups (official `dinov3/train/param_groups.py`): layer-wise LR decay, patch-embed LR multiplier,
 weight-decay exclusions, and the prototype (`last_layer`) groups that can be frozen early on."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def wd_multiplier(name: str) -> float:
 
 def build_param_groups(backbone: nn.Module, heads: dict[str, nn.Module], depth: int, layerwise_decay: float,
                        patch_embed_lr_mult: float) -> list[dict]:
-    """Groups with `lr_mult`, `wd_mult` and `is_last_layer`; the engine sets lr/wd per step."""
+    """Groups with `lr_mult`, `wd_mult` and `is_last_layer`; the optimizer part (gramline.train.optimizer) sets lr/wd per step."""
     grouped: dict[GroupKey, list] = {}
 
     def add(name: str, param: nn.Parameter, lr_mult: float) -> None:
@@ -60,7 +60,7 @@ def build_param_groups(backbone: nn.Module, heads: dict[str, nn.Module], depth: 
 
 
 def scaled_lr(base_lr: float, rule: str, global_batch: int) -> float:
-    """The recipe's LR scaling: sqrt_wrt_1024 is lr × 4 × sqrt(B/1024) (reference §5)."""
+    """The recipe's LR scaling: sqrt_wrt_1024 is lr × 4 × sqrt(B/1024) (official `dinov3/train/train.py::build_schedulers_v2`)."""
     if rule == "sqrt_wrt_1024":
         return base_lr * 4.0 * (global_batch / 1024) ** 0.5
     if rule == "linear_wrt_256":

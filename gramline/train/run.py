@@ -1,34 +1,77 @@
-"""Glue shared by the training stages: config check against an existing run, teacher checkpoints,
-final export and the executor output."""
+"""The skeleton every training stage shares: dataset → resume check → distributed setup → loop → export.
+
+A stage describes itself as a `TrainingRun` (its recipe, its batches, what it continues, what its
+manifest records) and calls `run_training`; the stage module itself only parses flags and wires.
+Started again on the same output directory, the run resumes from its last complete checkpoint;
+a killed run leaves no final manifest.
+"""
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from pydantic import BaseModel
 
 from gramline.artifacts import MANIFEST
-from gramline.config import SSLConfig, dump_config
+from gramline.config import dump_config
+from gramline.data.reader import DatasetInfo, open_dataset
 from gramline.errors import InputError
-from gramline.stages.common import emit_executor_output
-from gramline.train.engine import SSLTrainer
-from gramline.train.export import export_model, export_teacher_checkpoint
+from gramline.io import atomic_path
+from gramline.train import distributed
+from gramline.train.checkpoint import latest_checkpoint, read_meta
+from gramline.train.config import TrainConfig
+from gramline.train.distributed import DistEnv
+from gramline.train.loop import LoopSettings, TrainLoop
+from gramline.train.recipe import Recipe
 
-# Sections that must not change when a run is resumed in the same output directory.
+# Config sections that must not change when a run is resumed in the same output directory.
 FROZEN_SECTIONS = ("backbone", "heads")
+StepHook = Callable[[Any, int], None]  # (recipe, step count) after every step: tests interrupt runs with it
 
 
-def check_resume_compatible(out_dir: Path, config: SSLConfig) -> None:
+@dataclass
+class TakeOver:
+    """Continue another run: load these parts, its step, RNG and NaN streak (unless this stage has
+    checkpoints of its own), then tell the recipe where its phase starts."""
+
+    run_dir: Path
+    parts: Sequence[str]
+    flag: str
+    begin: Callable[[int, Path], None]
+
+
+@dataclass
+class TrainingRun:
+    stage: str
+    config: BaseModel  # has `train` (TrainConfig) and `backbone`/`heads` sections
+    dataset: Path
+    out_dir: Path
+    recipe: Recipe
+    batches: Callable[[DatasetInfo, DistEnv], Callable[[int], Iterator[Any]]]
+    inputs: list[dict[str, Any]]  # lineage entries of the manifest
+    record: Callable[[], dict[str, Any]] = dict  # extra manifest entries, read at export time
+    take_over: TakeOver | None = None
+    hooks: Sequence[StepHook] = ()
+    train: TrainConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.train = self.config.train  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    manifest: dict[str, Any]
+    metadata: dict[str, Any]  # the executor output's metadata of the Model artifact
+
+
+def check_resume_compatible(out_dir: Path, config: BaseModel) -> None:
     """Refuse to resume a run whose architecture differs from the requested one (reads only the
     checkpoint's small meta.json, not its weights)."""
-    import json
-
-    from gramline.train.checkpoint import META_FILE, latest_checkpoint
-
     path = latest_checkpoint(out_dir / "state")
-    if path is None or not (path / META_FILE).is_file():
-        return
-    saved = json.loads((path / META_FILE).read_text()).get("config")
+    saved = read_meta(path).get("config") if path is not None else None
     if not saved:
         return
     now = dump_config(config)
@@ -39,35 +82,55 @@ def check_resume_compatible(out_dir: Path, config: SSLConfig) -> None:
                              "a fresh output directory, or the same architecture to resume")
 
 
-def final_metrics(log: dict[str, float]) -> dict[str, float]:
-    keep = ("total", "dino_local", "dino_global", "ibot", "koleo", "gram")
-    return {f"final_{k}": float(v) for k, v in log.items() if k in keep}
+def final_metrics(log: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
+    return {f"final_{k}": float(log[k]) for k in ("total", *names) if k in log}
 
 
-def train_and_export(args: argparse.Namespace, trainer: SSLTrainer, out_dir: Path, stage: str,
-                     inputs: list[dict[str, Any]], extra_manifest: dict[str, Any] | None = None,
-                     before_fit: Callable[[SSLTrainer], None] | None = None) -> dict:
-    config = trainer.config
-    trainer.extra_state["config"] = dump_config(config)
-    resumed = trainer.try_resume()
-    if before_fit is not None:
-        before_fit(trainer)
+def run_training(run: TrainingRun) -> TrainingResult | None:
+    """Train and export; the result on the main process, None on the others."""
+    info = open_dataset(run.dataset)
+    info.shard_counts("train")  # fails early, naming the dataset, when the train split is empty
+    check_resume_compatible(run.out_dir, run.config)
+    env = distributed.setup()
+    try:
+        return _train(run, info, env)
+    finally:
+        distributed.teardown()
 
-    def teacher_checkpoint(step: int) -> None:
-        if trainer.env.is_main:
-            export_teacher_checkpoint(out_dir, trainer.teacher, config, stage, step, inputs,
-                                      final_metrics(trainer.last_log))
 
-    log = trainer.fit(on_teacher_checkpoint=teacher_checkpoint)
-    manifest: dict = {}
-    if trainer.env.is_main:
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        metrics = final_metrics(log)
-        manifest = export_model(out_dir, trainer.teacher, config, stage, trainer.step, inputs, metrics,
-                                resumed=resumed, **(extra_manifest or {}))
-        meta = {"timm_model": manifest["timm"]["name"], "arch": config.backbone.arch, "step": trainer.step,
-                **metrics}
-        emit_executor_output(args, {"model": (out_dir, meta)})
-        print(f"[{stage}] model written to {out_dir} (step {trainer.step}; "
-              f"load with gramline.models.io.load_backbone or timm {manifest['timm']['name']})", flush=True)
-    return manifest
+def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult | None:
+    out_dir, recipe = run.out_dir, run.recipe
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = run.batches(info, env)
+    loop = TrainLoop(recipe, batches, env, out_dir, LoopSettings.of(run.train),
+                     images_per_step=run.train.batch_size * env.world_size,
+                     meta={"config": dump_config(run.config)},
+                     callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
+    every = run.train.teacher_checkpoint_every
+    if every and env.is_main:
+        loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, step) if step % every == 0 else None)
+    resumed = loop.resume()
+    if not resumed and run.take_over is not None:
+        take = run.take_over
+        path = loop.take_over(take.run_dir / "state", take.parts, take.flag)
+        take.begin(loop.step, path)
+    log = loop.run()
+    if not env.is_main:
+        return None
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    metrics = final_metrics(log, recipe.loss_names)
+    manifest = recipe.export(out_dir, loop.step, metrics, {"inputs": run.inputs, "resumed": resumed, **run.record()})
+    metadata = {"timm_model": manifest["timm"]["name"], "arch": manifest["arch"], "step": loop.step, **metrics}
+    print(f"[{run.stage}] model written to {out_dir} (step {loop.step}; load with "
+          f"gramline.models.io.load_backbone or timm {manifest['timm']['name']})", flush=True)
+    return TrainingResult(manifest, metadata)
+
+
+def _teacher_checkpoint(run: TrainingRun, loop: TrainLoop, step: int) -> None:
+    """A complete Model artifact of the teacher at `step` under checkpoints/ (the anchor stage picks one)."""
+    final = run.out_dir / "checkpoints" / f"teacher-{step:08d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        run.recipe.export(tmp, step, final_metrics(loop.last_log, run.recipe.loss_names),
+                          {"inputs": run.inputs, "checkpoint_of": str(run.out_dir)})
+

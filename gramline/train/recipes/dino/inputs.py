@@ -1,33 +1,27 @@
-"""What the gram and highres stages share: reading the run they continue, the Gram teacher
-(loading, refresh from the EMA teacher, or the EMA teacher itself) and the resolution mixture.
-
-Reference §1.5 (Gram teacher source and refresh), §4 (high-res mixture), §6.2-6.3 (how the phases
-chain). Every check of an input names the flag and file at fault (InputError, exit 2).
+"""What the gram and highres stages read: Model artifacts (a Gram teacher backbone, a whole teacher
+with heads) and the run a stage continues. Every check names the flag and file at fault (InputError,
+exit 2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
 from gramline.artifacts import read_manifest
-from gramline.config import SSLConfig
-from gramline.data.augment import MultiCropAugment
 from gramline.errors import InputError
+from gramline.models.archs import ARCHS
 from gramline.models.backbone import Backbone
 from gramline.models.io import BACKBONE_FILE, HEADS_FILE
-from gramline.models.presets import ARCHS
-from gramline.phase_presets import HighresStageConfig
-from gramline.train.checkpoint import STEP_DIR, latest_checkpoint
-from gramline.train.engine import GramTeacher, SSLTrainer
-from gramline.train.model import SSLModel
+from gramline.train.checkpoint import STEP_DIR, latest_checkpoint, read_model_state
+from gramline.train.recipes.dino.config import DinoConfig
+from gramline.train.recipes.dino.model import DinoModel
+from gramline.train.recipes.dino.recipe import upgrade_first_layout
 
 # --------------------------------------------------------------------------- reading runs
 
@@ -47,7 +41,7 @@ def latest_run_state(model_dir: Path, flag: str = "--model") -> tuple[int, Path]
     return int(match.group(1)), path
 
 
-def _check_arch(manifest: Mapping[str, Any], config: SSLConfig, flag: str, model_dir: Path) -> None:
+def _check_arch(manifest: Mapping[str, Any], config: DinoConfig, flag: str, model_dir: Path) -> None:
     """The artifact's backbone architecture must be the one the student is built with."""
     arch = manifest.get("arch")
     spec = (manifest.get("timm") or {}).get("kwargs", {})
@@ -74,7 +68,7 @@ def _check_shapes(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], 
                          "weights of the same architecture and heads as the config")
 
 
-def load_gram_backbone(model_dir: Path, config: SSLConfig, flag: str = "--anchor") -> Backbone:
+def load_gram_backbone(model_dir: Path, config: DinoConfig, flag: str = "--anchor") -> Backbone:
     """A Model artifact's backbone as a training `Backbone` of the student's architecture."""
     model_dir = Path(model_dir)
     manifest = model_manifest(model_dir, flag)
@@ -90,18 +84,18 @@ def load_gram_backbone(model_dir: Path, config: SSLConfig, flag: str = "--anchor
 
 
 def require_teacher_with_heads(model_dir: Path, flag: str = "--model") -> dict[str, Any]:
-    """The manifest of a Model that carries a whole SSL teacher (backbone and heads)."""
+    """The manifest of a Model that carries a whole DINO teacher (backbone and heads)."""
     model_dir = Path(model_dir)
     manifest = model_manifest(model_dir, flag)
     if not (model_dir / BACKBONE_FILE).is_file() or not (model_dir / HEADS_FILE).is_file():
         raise InputError(f"{flag} {model_dir}", f"lacks {BACKBONE_FILE} or {HEADS_FILE}",
-                         "a Model from an SSL training stage (gram or pretrain), which carries its heads; an anchor "
+                         "a Model from a DINO training stage (gram or pretrain), which carries its heads; an anchor "
                          "artifact has the backbone only")
     return manifest
 
 
-def ssl_state_from_model(model_dir: Path, config: SSLConfig, flag: str = "--model") -> dict[str, Tensor]:
-    """SSLModel weights (backbone + mask token + DINO/iBOT heads) from a Model artifact's teacher."""
+def dino_state_from_model(model_dir: Path, config: DinoConfig, flag: str = "--model") -> dict[str, Tensor]:
+    """DinoModel weights (backbone + mask token + DINO/iBOT heads) from a Model artifact's teacher."""
     model_dir = Path(model_dir)
     manifest = require_teacher_with_heads(model_dir, flag)
     _check_arch(manifest, config, flag, model_dir)
@@ -110,101 +104,17 @@ def ssl_state_from_model(model_dir: Path, config: SSLConfig, flag: str = "--mode
     for key, value in load_file(str(heads_file)).items():
         state["backbone.mask_token" if key == "mask_token" else key] = value
     with torch.device("meta"):
-        reference = SSLModel(config).state_dict()
+        reference = DinoModel(config.backbone, config.heads).state_dict()
     _check_shapes(state, reference, f"{flag} {model_dir}")
     return state
 
 
-# --------------------------------------------------------------------------- continuing a run
-
-
-def continue_run(trainer: SSLTrainer, run_dir: Path, flag: str = "--model") -> int:
-    """Load a run's latest training state (student, teacher, optimizer, step, RNG) into a fresh
-    trainer, so this stage keeps counting from that step; returns the step."""
-    step, path = latest_run_state(run_dir, flag)
+def check_run_state(run_dir: Path, config: DinoConfig, flag: str = "--model") -> Path:
+    """The latest training checkpoint of the run a stage continues, after checking that its student
+    fits the configured model (a clear error instead of a state-dict traceback)."""
+    _, path = latest_run_state(run_dir, flag)
     with torch.device("meta"):
-        reference = SSLModel(trainer.config).state_dict()
-    saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        reference = DinoModel(config.backbone, config.heads).state_dict()
+    saved = read_model_state(path, upgrade_first_layout, mmap=True)
     _check_shapes(saved["student"], reference, f"{flag} {run_dir} ({path.name})")
-    del saved
-    config = trainer.extra_state.get("config")
-    if not trainer.try_resume(state_dir=Path(run_dir) / "state"):
-        raise InputError(f"{flag} {run_dir}", "has no training checkpoint", "a run with state/step-* checkpoints")
-    trainer.extra_state.pop("gram_refreshes", None)
-    trainer.extra_state["config"] = config
-    trainer.extra_state["continued_from"] = {"path": str(path), "step": step}
-    return step
-
-
-# --------------------------------------------------------------------------- the Gram teacher
-
-
-@dataclass
-class GramRefresh:
-    """After-step hook: at each step in `steps` the Gram teacher becomes a hard copy of the EMA
-    teacher's backbone (reference §1.5, `update_gram(m=0)`); the steps done are kept in the
-    checkpointed `extra_state["gram_refreshes"]`."""
-
-    steps: frozenset[int]
-
-    def __call__(self, trainer: SSLTrainer, step: int) -> None:
-        if step not in self.steps:
-            return
-        if trainer.gram_teacher is None:
-            raise RuntimeError("GramRefresh needs a trainer with a Gram teacher")
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(trainer.teacher, options=StateDictOptions(full_state_dict=True))
-        prefix = "backbone."
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        with torch.no_grad():
-            trainer.gram_teacher.backbone.load_state_dict(state, strict=True)
-        refreshes = trainer.extra_state.setdefault("gram_refreshes", [])
-        refreshes.append(step)
-        if trainer.log_enabled:
-            print(f"[{trainer.stage}] step {step}: Gram teacher refreshed from the EMA teacher "
-                  f"(refresh {len(refreshes)})", flush=True)
-
-
-def use_ema_teacher(trainer: SSLTrainer) -> None:
-    """Anchor to the live EMA teacher (reference `gram.ema_teacher`). Here it sees the Gram crops
-    (larger, undistorted) rather than reusing its forward on the global crops."""
-    trainer.gram_teacher = GramTeacher(trainer.teacher.backbone).to(trainer.device)
-
-
-# --------------------------------------------------------------------------- resolution mixture
-
-
-@dataclass(frozen=True)
-class MixtureChoice:
-    """Which resolution set step s uses: a draw with the sets' weights from a generator seeded by
-    (seed, s), so every rank and every resume agrees without communication."""
-
-    weights: tuple[float, ...]
-    seed: int
-
-    def __call__(self, step: int) -> int:
-        p = np.asarray(self.weights, dtype=np.float64)
-        rng = np.random.default_rng([self.seed, int(step)])
-        return int(rng.choice(len(p), p=p / p.sum()))
-
-
-def mixture_augments(config: HighresStageConfig) -> list[MultiCropAugment]:
-    """One multi-crop augmentation per resolution set (the rest of `crops` is shared)."""
-    augments = []
-    for i, res in enumerate(config.phase.resolutions):
-        crops = config.crops.model_copy(update={"global_size": res.global_size, "local_size": res.local_size,
-                                                "gram_size": config.gram_size_of(i)})
-        augments.append(MultiCropAugment(crops))
-    return augments
-
-
-def mixture_choice(config: HighresStageConfig) -> MixtureChoice:
-    return MixtureChoice(tuple(r.weight for r in config.phase.resolutions), config.phase.mixture_seed)
-
-
-def resolution_counts(choice: MixtureChoice, steps: Sequence[int]) -> list[int]:
-    counts = [0] * len(choice.weights)
-    for step in steps:
-        counts[choice(step)] += 1
-    return counts
+    return path

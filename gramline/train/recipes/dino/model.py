@@ -1,4 +1,4 @@
-"""The SSL model: backbone + separate DINO and iBOT heads, with one forward over all crops.
+"""The DINO model: backbone + separate DINO and iBOT heads, with one forward over all crops.
 
 One forward per step keeps DDP simple (one backward per forward). The same class serves as the
 EMA teacher (global crops only, no masks, eval mode).
@@ -11,12 +11,12 @@ from typing import TypedDict
 import torch
 from torch import Tensor, nn
 
-from gramline.config import SSLConfig
 from gramline.models.backbone import Backbone
+from gramline.models.config import BackboneConfig, HeadsConfig
 from gramline.models.heads import DinoHead
 
 
-class SSLOutput(TypedDict, total=False):
+class DinoOutput(TypedDict, total=False):
     global_cls: Tensor       # [n_g*B, D] post-norm, pre-head
     global_patches: Tensor   # [n_g*B, N, D] post-norm, pre-head
     dino_global: Tensor      # [n_g*B, K]
@@ -24,12 +24,11 @@ class SSLOutput(TypedDict, total=False):
     ibot: Tensor             # [M, K_ibot] at the masked positions
 
 
-class SSLModel(nn.Module):
-    def __init__(self, config: SSLConfig) -> None:
+class DinoModel(nn.Module):
+    def __init__(self, backbone: BackboneConfig, heads: HeadsConfig) -> None:
         super().__init__()
-        self.backbone = Backbone(config.backbone)
+        self.backbone = Backbone(backbone)
         dim = self.backbone.embed_dim
-        heads = config.heads
         self.dino_head = DinoHead(dim, heads.dino_hidden, heads.dino_bottleneck, heads.dino_prototypes, heads.nlayers,
                                   heads.last_layer_init_std)
         self.ibot_head = DinoHead(dim, heads.ibot_hidden, heads.ibot_bottleneck, heads.ibot_prototypes, heads.nlayers,
@@ -39,7 +38,7 @@ class SSLModel(nn.Module):
         return {"dino_head": self.dino_head, "ibot_head": self.ibot_head}
 
     def forward(self, global_crops: Tensor, local_crops: Tensor | None = None, masks: Tensor | None = None,
-                mask_index: Tensor | None = None) -> SSLOutput:
+                mask_index: Tensor | None = None) -> DinoOutput:
         crops = [global_crops]
         group_masks: list[Tensor | None] = [masks]
         if local_crops is not None and local_crops.numel():
@@ -49,7 +48,7 @@ class SSLModel(nn.Module):
         n_global = global_crops.shape[0]
         cls_all = torch.cat([group["cls"] for group in tokens], dim=0)
         dino_logits = self.dino_head(cls_all)
-        out: SSLOutput = {
+        out: DinoOutput = {
             "global_cls": tokens[0]["cls"],
             "global_patches": tokens[0]["patches"],
             "dino_global": dino_logits[:n_global],

@@ -1,0 +1,37 @@
+"""Config sections every training recipe shares: the loop, the optimizer, the EMA teacher."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from gramline.config import Strict
+from gramline.train.schedules import Schedule
+
+
+class OptimConfig(Strict):
+    lr: Schedule = Schedule(start=0.0, peak=1e-3, end=1e-6, warmup_steps=10)
+    lr_scaling: Literal["sqrt_wrt_1024", "linear_wrt_256", "none"] = "sqrt_wrt_1024"
+    weight_decay: Schedule = Schedule(start=0.04, peak=0.04, end=0.4)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0  # max gradient norm per module (backbone, each head); <= 0: no clipping
+    freeze_last_layer_steps: int = 0  # the heads' prototype layers get LR 0 for this many steps
+
+
+class EmaConfig(Strict):
+    momentum: Schedule = Schedule(start=0.992, peak=0.992, end=1.0)
+
+
+class TrainConfig(Strict):
+    steps: int = 100
+    batch_size: int = 32  # per process
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    teacher_checkpoint_every: int = 50  # periodic Model artifacts under checkpoints/ (0: none)
+    log_every: int = 10
+    max_nan_steps: int = 2  # consecutive non-finite losses tolerated (those steps are skipped)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
