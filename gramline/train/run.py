@@ -9,7 +9,7 @@ a killed run leaves no final manifest.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,10 @@ class TrainingRun:
     record: Callable[[], dict[str, Any]] = dict  # extra manifest entries, read at export time
     take_over: TakeOver | None = None
     hooks: Sequence[StepHook] = ()
-    train: TrainConfig = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.train = self.config.train  # type: ignore[attr-defined]
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ class DinoRecipe:
         self._refresh_at = frozenset(config.phase.refresh_at) if isinstance(config, GramStageConfig) else frozenset()
         self._init_student = init_student
         self.phase = PhaseStart()
+        self._schedules: tuple[int, DinoSchedules] | None = None
         keys = ["total", *LOSS_NAMES, "lr"]
         self.progress_keys = keys + (["gram_weight", "local_weight"] if config.gram.enabled else [])
 
@@ -150,7 +151,10 @@ class DinoRecipe:
     # ------------------------------------------------------------------ schedules
 
     def schedules(self) -> DinoSchedules:
-        return DinoSchedules.of(self.config, self.phase.start_step)
+        """The per-step values, read once the phase start is known (rebuilt only if it changes)."""
+        if self._schedules is None or self._schedules[0] != self.phase.start_step:
+            self._schedules = (self.phase.start_step, DinoSchedules.of(self.config, self.phase.start_step))
+        return self._schedules[1]
 
     def last_step(self) -> int:
         return self.schedules().last_step
