@@ -54,8 +54,11 @@ def _stack_crop_major(per_image: Sequence[Sequence[torch.Tensor]], name: str) ->
     return torch.stack([crops[c] for c in range(n_crops) for crops in per_image])
 
 
-def collate_crops(items: Sequence[CropSet], patch_size: int, masking: MaskingConfig, seed: int) -> CropBatch:
-    """Stack a list of CropSets crop-major and sample the global crops' masks from `seed`."""
+def collate_crops(items: Sequence[CropSet], patch_size: int, masking: MaskingConfig, seed: int,
+                  mask_batch_size: int | None = None) -> CropBatch:
+    """Stack a list of CropSets crop-major and sample the global crops' masks from `seed` (for
+    `mask_batch_size` images per global crop, default this batch's: a caller taking a slice of a
+    larger batch's masks asks for that batch's)."""
     if not items:
         raise InputError("batch", "is empty", "at least one CropSet")
     batch_size = len(items)
@@ -73,6 +76,7 @@ def collate_crops(items: Sequence[CropSet], patch_size: int, masking: MaskingCon
             raise InputError("gram crops", "are missing for some images", "gram crops for all images or none")
         gram_crops = _stack_crop_major([it.gram_crops for it in items], "gram crops")  # type: ignore[misc]
     grid = (size // patch_size, size // patch_size)
-    masks = sample_batch_masks(global_crops.shape[0], grid, masking.sample_probability, masking.min_ratio,
+    n_masks = global_crops.shape[0] // batch_size * (mask_batch_size or batch_size)
+    masks = sample_batch_masks(n_masks, grid, masking.sample_probability, masking.min_ratio,
                                masking.max_ratio, rng=np.random.default_rng(seed))
     return CropBatch(global_crops, local_crops, gram_crops, torch.from_numpy(masks), batch_size)

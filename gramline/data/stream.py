@@ -38,6 +38,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     equal to this `batch_size` (1 when the DataLoader does not batch), the DataLoader returns the
     rank's sequence in order, whatever the number of workers. Each worker reads only the samples
     it yields (others are skipped at the tar-member level, never decoded).
+
+    `share=(i, n)` makes this stream one of n readers of the same sequence: it yields the blocks
+    i, i+n, i+2n, ... (then split between its workers as above). With world_size=1 and one reader
+    per rank, rank r's batch at step s is the r-th slice of the global batch s, whatever the number
+    of ranks (distillation uses this so that every process layout sees the same global batches).
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         start_position: int = 0,
         shard_counts: list[int] | None = None,
         transform: Callable[[dict], Any] | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         super().__init__()
         if not shard_urls:
@@ -69,6 +75,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed, self.mode, self.rank, self.world_size = int(seed), mode, rank, world_size
         self.shuffle_buffer, self.batch_size, self.start_position = shuffle_buffer, batch_size, start_position
         self.transform = transform
+        if not 0 <= share[0] < share[1]:
+            raise InputError("share", f"is {share}", "(i, n) with 0 <= i < n")
+        self.share = (int(share[0]), int(share[1]))
         counts = list(shard_counts) if shard_counts is not None else [count_samples(u) for u in self.urls]
         if len(counts) != len(self.urls):
             raise InputError("shard_counts", f"has {len(counts)} entries for {len(self.urls)} shards",
@@ -145,7 +154,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         while True:
             length = self.epoch_length(epoch)
             positions = np.arange(max(start, epoch_start), epoch_start + length)
-            mine = positions[((positions - start) // self.batch_size) % workers == worker]
+            block = (positions - start) // self.batch_size
+            reader, readers = self.share
+            mine = positions[(block % readers == reader) & ((block // readers) % workers == worker)]
             if mine.size:
                 yield from self._yield(epoch, mine - epoch_start, epoch_start)
             if self.mode == "epoch":

@@ -2,8 +2,10 @@
 
 A checkpoint directory holds
 - `model.pt`: `{"layout": 2, "step": S, <part name>: <part state dict>, ...}` for every part the
-  recipe and the loop name (student, teacher, optimizer, ...), as full (unsharded) state dicts, so
-  DDP and FSDP2 runs save the same portable thing; written by rank 0;
+  recipe names (student, teacher, optimizer, ...), as full (unsharded) state dicts, so DDP and
+  FSDP2 runs save the same portable thing; written by rank 0. A part that rank 0 does not hold (a
+  distillation student trained on other ranks) is written by the lowest rank holding it, to
+  `parts-rank-R.pt`, and `model.pt` names that file under `"stored"`;
 - `rank-R.pt`: what differs per rank (RNG states, the NaN streak);
 - `meta.json`: small facts (step, layout, the run's config) that can be read without the weights.
 
@@ -121,7 +123,10 @@ class Checkpointer:
 
     def save(self, step: int, parts: Mapping[str, Stateful], rank_state: Mapping[str, Any],
              meta: Mapping[str, Any]) -> Path:
-        model_state = {"layout": LAYOUT, "step": step, **{name: part.state_dict() for name, part in parts.items()}}
+        held = distributed.all_gather_objects(sorted(parts))  # the part names each rank holds
+        writer = {name: min(r for r, names in enumerate(held) if name in names) for names in held for name in names}
+        states = {name: part.state_dict() for name, part in parts.items()}  # on every holder: may be collective
+        mine = {name: state for name, state in states.items() if writer[name] == self.rank}
         final = self.state_dir / f"step-{step:08d}"
         tmp = self.state_dir / f".step-{step:08d}.writing"
         if self.rank == 0:
@@ -132,8 +137,12 @@ class Checkpointer:
         distributed.barrier()
         torch.save({"layout": LAYOUT, "step": step, **rank_state}, tmp / f"rank-{self.rank}.pt")
         if self.rank == 0:
-            torch.save(model_state, tmp / MODEL_FILE)
+            stored = {name: f"parts-rank-{r}.pt" for name, r in writer.items() if r != 0}
+            torch.save({"layout": LAYOUT, "step": step, **mine, **({"stored": stored} if stored else {})},
+                       tmp / MODEL_FILE)
             (tmp / META_FILE).write_text(json.dumps({"layout": LAYOUT, "step": step, **meta}, default=str))
+        elif mine:
+            torch.save(mine, tmp / f"parts-rank-{self.rank}.pt")
         distributed.barrier()
         if self.rank == 0:
             with atomic_path(final) as target:
@@ -147,14 +156,20 @@ class Checkpointer:
         """Load `parts` from checkpoint `path`; a part named in `optional` may be absent from it.
         Returns (step, this rank's state)."""
         state = read_model_state(path, self.upgrade)
-        missing = [name for name in parts if name not in state and name not in set(optional)]
+        stored: dict[str, str] = state.get("stored", {})
+        available = [k for k in state if k not in ("layout", "step", "stored")] + list(stored)
+        missing = [name for name in parts if name not in available and name not in set(optional)]
         if missing:
             raise InputError(str(path), f"has no {', '.join(missing)} state",
-                             "a checkpoint of the same kind of run (its parts: " +
-                             ", ".join(k for k in state if k not in ("layout", "step")) + ")")
+                             "a checkpoint of the same kind of run (its parts: " + ", ".join(available) + ")")
+        files: dict[str, dict[str, Any]] = {}
         for name, part in parts.items():
             if name in state:
                 part.load_state_dict(state[name])
+            elif name in stored:
+                if stored[name] not in files:
+                    files[stored[name]] = torch.load(Path(path) / stored[name], map_location="cpu", weights_only=True)
+                part.load_state_dict(files[stored[name]][name])
         rank_file = Path(path) / f"rank-{self.rank}.pt"
         if not rank_file.is_file():
             raise InputError(str(path), f"has no training state for rank {self.rank}",

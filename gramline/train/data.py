@@ -3,13 +3,15 @@
 Every random choice is a pure function of (seed, rank, sample position): the augmentation of the
 sample at position p uses seed (seed, rank, p); the masks of the batch at step s use (seed, rank,
 s). So `batches(start_step)` started at step s yields exactly the batches an uninterrupted run
-would have seen from step s on, whatever the number of DataLoader workers.
+would have seen from step s on, whatever the number of DataLoader workers. (With global batches
+the rank in those seeds is 0 and positions and steps are the global ones.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,11 +19,10 @@ from torch.utils.data import DataLoader
 
 from gramline.data.augment import CropSet, MultiCropAugment
 from gramline.data.collate import CropBatch, collate_crops
-from gramline.data.config import MaskingConfig
+from gramline.data.config import CropsConfig, LoaderConfig, MaskingConfig
 from gramline.data.reader import DatasetInfo
-from gramline.models.archs import ARCHS
+from gramline.train.config import TrainConfig
 from gramline.train.distributed import DistEnv
-from gramline.train.recipes.dino.config import DinoConfig
 
 
 def derive_seed(*parts: int) -> int:
@@ -49,37 +50,75 @@ class AugmentSample:
 
 @dataclass
 class CollateBatch:
+    """Stack a batch and sample its iBOT masks. With `global_slice=(r, n)` the batch is the r-th of n
+    slices of a global batch: the masks are sampled for the whole global batch (from the step's
+    seed) and the slice's rows kept, so the masks do not depend on how the batch is split."""
+
     patch_size: int
     masking: MaskingConfig
     seed: int
     rank: int
+    global_slice: tuple[int, int] | None = None
 
     def __call__(self, items: list[tuple[int, CropSet]]) -> CropBatch:
-        step = items[0][0] // len(items)
-        seed = derive_seed(self.seed, self.rank, step, 7)
-        return collate_crops([crops for _, crops in items], self.patch_size, self.masking, seed)
+        crops = [crops for _, crops in items]
+        if self.global_slice is None:
+            step = items[0][0] // len(items)
+            return collate_crops(crops, self.patch_size, self.masking, derive_seed(self.seed, self.rank, step, 7))
+        index, count = self.global_slice
+        size = len(items)
+        step = items[0][0] // (size * count)
+        batch = collate_crops(crops, self.patch_size, self.masking, derive_seed(self.seed, 0, step, 7),
+                              mask_batch_size=size * count)
+        n_global = batch.global_crops.shape[0] // size
+        rows = torch.cat([torch.arange(c * size * count + index * size, c * size * count + (index + 1) * size)
+                          for c in range(n_global)])
+        return replace(batch, masks=batch.masks[rows])
 
 
-def batch_source(info: DatasetInfo, config: DinoConfig, env: DistEnv,
-                 augments: Sequence[MultiCropAugment] | None = None,
-                 choose: Callable[[int], int] | None = None) -> Callable[[int], Iterator[CropBatch]]:
+class CropRunConfig(Protocol):
+    """The sections a crop-batch source reads (the DINO and distillation configs have them)."""
+
+    train: TrainConfig
+    crops: CropsConfig
+    masking: MaskingConfig
+    data: LoaderConfig
+
+    @property
+    def patch_size(self) -> int: ...  # the masks' patch grid
+
+
+def batch_source(info: DatasetInfo, config: CropRunConfig, env: DistEnv,
+                 augments: Sequence[MultiCropAugment] | None = None, choose: Callable[[int], int] | None = None,
+                 global_batches: bool = False) -> Callable[[int], Iterator[CropBatch]]:
+    """`batches(start_step)`: this rank's CropBatches of `train.batch_size` images from that step on.
+
+    By default each rank reads its own share of the dataset (seeds depend on the rank). With
+    `global_batches`, step s's global batch (`train.batch_size` x ranks images) is the same whatever
+    the number of ranks, and rank r gets its r-th slice: every rank reads the one global sequence,
+    decoding only its slice, and augmentation and masks are seeded by global position and step."""
     batch_size = config.train.batch_size
     seed = config.train.seed
-    patch_size = ARCHS[config.backbone.arch].patch_size
+    patch_size = config.patch_size
     augments = list(augments) if augments is not None else [MultiCropAugment(config.crops)]
     info.shard_counts("train")  # fails early, naming the dataset, when the train split is empty
+    if global_batches:
+        reader_rank, readers, share, step_size = 0, 1, (env.rank, env.world_size), batch_size * env.world_size
+        collate = CollateBatch(patch_size, config.masking, seed, 0, (env.rank, env.world_size))
+    else:
+        reader_rank, readers, share, step_size = env.rank, env.world_size, (0, 1), batch_size
+        collate = CollateBatch(patch_size, config.masking, seed, env.rank)
 
     def batches(start_step: int) -> Iterator[CropBatch]:
         stream = info.stream(
-            "train", seed=seed, mode=config.data.sampling, rank=env.rank, world_size=env.world_size,
+            "train", seed=seed, mode=config.data.sampling, rank=reader_rank, world_size=readers,
             shuffle_buffer=config.data.shuffle_buffer, batch_size=batch_size,
-            start_position=start_step * batch_size,
-            transform=AugmentSample(augments, seed, env.rank, batch_size, choose),
+            start_position=start_step * step_size, share=share,
+            transform=AugmentSample(augments, seed, reader_rank, step_size, choose),
         )
         workers = config.data.num_workers
         loader = DataLoader(
-            stream, batch_size=batch_size, num_workers=workers,
-            collate_fn=CollateBatch(patch_size, config.masking, seed, env.rank),
+            stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
             pin_memory=env.device.type == "cuda", prefetch_factor=4 if workers else None,
             persistent_workers=False,
             # its own generator: creating the loader must not draw from the global RNG, whose state

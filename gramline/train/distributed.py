@@ -62,6 +62,22 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if is_enabled():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """`obj` of every rank, in rank order (`[obj]` on one process)."""
+    if not is_enabled():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_enabled():
         dist.barrier()

@@ -73,6 +73,6 @@ class Recipe(Protocol):
         """After the optimizers' update of step `step` (counted from 1): EMA updates, refreshes."""
 
     def export(self, directory: Path, step: int, metrics: Mapping[str, float],
-               manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Write the stage's artifact into `directory` (manifest last, with `manifest`'s entries);
-        returns the manifest. Called on the main rank only."""
+               manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Write the stage's artifact into `directory` (manifest last, with `manifest`'s entries).
+        Called on every rank (a rank writes what it holds); returns the manifest on the main rank."""

@@ -27,8 +27,6 @@ from gramline.train.distributed import DistEnv
 from gramline.train.loop import LoopSettings, TrainLoop
 from gramline.train.recipe import Recipe
 
-# Config sections that must not change when a run is resumed in the same output directory.
-FROZEN_SECTIONS = ("backbone", "heads")
 StepHook = Callable[[Any, int], None]  # (recipe, step count) after every step: tests interrupt runs with it
 
 
@@ -55,6 +53,8 @@ class TrainingRun:
     record: Callable[[], dict[str, Any]] = dict  # extra manifest entries, read at export time
     take_over: TakeOver | None = None
     hooks: Sequence[StepHook] = ()
+    periodic_exports: bool = True  # Model artifacts under checkpoints/ every train.teacher_checkpoint_every steps
+    frozen_sections: Sequence[str] = ("backbone", "heads")  # config sections a resume must not change
 
     @property
     def train(self) -> TrainConfig:
@@ -67,7 +67,8 @@ class TrainingResult:
     metadata: dict[str, Any]  # the executor output's metadata of the Model artifact
 
 
-def check_resume_compatible(out_dir: Path, config: BaseModel) -> None:
+def check_resume_compatible(out_dir: Path, config: BaseModel,
+                            frozen_sections: Sequence[str] = ("backbone", "heads")) -> None:
     """Refuse to resume a run whose architecture differs from the requested one (reads only the
     checkpoint's small meta.json, not its weights)."""
     path = latest_checkpoint(out_dir / "state")
@@ -75,7 +76,7 @@ def check_resume_compatible(out_dir: Path, config: BaseModel) -> None:
     if not saved:
         return
     now = dump_config(config)
-    for section in FROZEN_SECTIONS:
+    for section in frozen_sections:
         if saved.get(section) != now.get(section):
             raise InputError(f"--out-model {out_dir}", f"holds a run with a different {section} config "
                              f"({saved.get(section)} vs {now.get(section)})",
@@ -90,7 +91,7 @@ def run_training(run: TrainingRun) -> TrainingResult | None:
     """Train and export; the result on the main process, None on the others."""
     info = open_dataset(run.dataset)
     info.shard_counts("train")  # fails early, naming the dataset, when the train split is empty
-    check_resume_compatible(run.out_dir, run.config)
+    check_resume_compatible(run.out_dir, run.config, run.frozen_sections)
     env = distributed.setup()
     try:
         return _train(run, info, env)
@@ -106,7 +107,7 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
                      images_per_step=run.train.batch_size * env.world_size,
                      meta={"config": dump_config(run.config)},
                      callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
-    every = run.train.teacher_checkpoint_every
+    every = run.train.teacher_checkpoint_every if run.periodic_exports else 0
     if every and env.is_main:
         loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, step) if step % every == 0 else None)
     resumed = loop.resume()
@@ -115,14 +116,19 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
         path = loop.take_over(take.run_dir / "state", take.parts, take.flag)
         take.begin(loop.step, path)
     log = loop.run()
-    if not env.is_main:
-        return None
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    if env.is_main:
+        (out_dir / MANIFEST).unlink(missing_ok=True)
     metrics = final_metrics(log, recipe.loss_names)
     manifest = recipe.export(out_dir, loop.step, metrics, {"inputs": run.inputs, "resumed": resumed, **run.record()})
-    metadata = {"timm_model": manifest["timm"]["name"], "arch": manifest["arch"], "step": loop.step, **metrics}
-    print(f"[{run.stage}] model written to {out_dir} (step {loop.step}; load with "
-          f"gramline.models.io.load_backbone or timm {manifest['timm']['name']})", flush=True)
+    if manifest is None:
+        return None
+    metadata = {"step": loop.step, **metrics}
+    if "timm" in manifest:
+        metadata |= {"timm_model": manifest["timm"]["name"], "arch": manifest["arch"]}
+        how = f"; load with gramline.models.io.load_backbone or timm {manifest['timm']['name']}"
+    else:
+        how = ""
+    print(f"[{run.stage}] model written to {out_dir} (step {loop.step}{how})", flush=True)
     return TrainingResult(manifest, metadata)
 
 

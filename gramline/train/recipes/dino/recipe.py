@@ -63,6 +63,23 @@ class TeacherTargets:
     gram: Tensor | None  # [n_g*B, N, D] Gram teacher patches on the student's grid
 
 
+def ssl_terms(out: DinoOutput, targets: TeacherTargets, masks: Tensor, batch_size: int, n_local: int,
+              student_temp: float, koleo: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """The DINO (local, global), iBOT and KoLeo terms of a student's outputs against the targets;
+    shared by the DINO and distillation recipes."""
+    bsz, terms = batch_size, {}
+    if n_local:
+        terms["dino_local"] = dino_loss(out["dino_local"].float().view(n_local, bsz, -1), targets.dino, student_temp)
+    terms["dino_global"] = dino_loss(out["dino_global"].float().view(N_GLOBAL, bsz, -1), targets.dino, student_temp,
+                                     ignore_diagonal=True)
+    if targets.ibot is not None:
+        terms["ibot"] = ibot_loss(out["ibot"].float(), targets.ibot, ibot_mask_weights(masks),
+                                  n_crops=N_GLOBAL * bsz, student_temp=student_temp)
+    cls = out["global_cls"].float().view(N_GLOBAL, bsz, -1)
+    terms["koleo"] = torch.stack([koleo(cls[i]) for i in range(N_GLOBAL)])
+    return terms
+
+
 def upgrade_first_layout(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint of gramline 0.1 (student, teacher, optimizer, gram_teacher, step, extra) in the
     current layout (the Gram teacher's refreshes and the phase start moved out of `extra`)."""
@@ -197,20 +214,9 @@ class DinoRecipe:
 
     def loss_terms(self, batch: CropBatch, values: StepValues, out: DinoOutput,
                    targets: TeacherTargets) -> tuple[Tensor, dict[str, float]]:
-        cfg, bsz = self.config, batch.batch_size
+        cfg = self.config
         n_local = batch.n_local if batch.local_crops.numel() else 0
-        temp = cfg.loss.student_temp
-        terms: dict[str, Tensor] = {}
-        if n_local:
-            terms["dino_local"] = dino_loss(out["dino_local"].float().view(n_local, bsz, -1), targets.dino, temp)
-        terms["dino_global"] = dino_loss(out["dino_global"].float().view(N_GLOBAL, bsz, -1), targets.dino, temp,
-                                         ignore_diagonal=True)
-        if targets.ibot is not None:
-            terms["ibot"] = ibot_loss(out["ibot"].float(), targets.ibot, ibot_mask_weights(batch.masks),
-                                      n_crops=N_GLOBAL * bsz, student_temp=temp)
-        cls = out["global_cls"].float().view(N_GLOBAL, bsz, -1)
-        koleo = self._koleo()
-        terms["koleo"] = torch.stack([koleo(cls[i]) for i in range(N_GLOBAL)])
+        terms = ssl_terms(out, targets, batch.masks, batch.batch_size, n_local, cfg.loss.student_temp, self._koleo())
         if targets.gram is not None:
             g = cfg.gram
             terms["gram"] = gram_loss(out["global_patches"].float(), targets.gram.float(), g.normalize, g.img_level,
@@ -248,7 +254,10 @@ class DinoRecipe:
     # ------------------------------------------------------------------ export
 
     def export(self, directory: Path, step: int, metrics: Mapping[str, float],
-               manifest: Mapping[str, Any]) -> dict[str, Any]:
+               manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The EMA teacher as a Model artifact, written by the main rank."""
+        if not self.runtime.env.is_main:
+            return None
         teacher = self.teacher.model
         return write_model_artifact(directory, teacher.backbone, teacher.heads(), self.config.backbone, self.config,
                                     self.name, step, metrics, **dict(manifest))
