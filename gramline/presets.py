@@ -197,6 +197,48 @@ _HIGHRES: dict[str, Tree] = {
     "vit7b16": _highres(30_000, 1.25e-5, 10_000, 8, _RECIPE_RESOLUTIONS, 250, 2500, 50, 768),
 }
 
+# --------------------------------------------------------------------------- distill
+# Several students from one frozen teacher (`dinov3_vitl16_lvd1689m_distilled.yaml`): LR a cosine
+# ramp from 0 to its peak over half the run, then constant; WD 0.04; momentum 0.994 -> 1; no
+# drop-path; no last-layer freeze; KoLeo per process. The tiny preset keeps the tiny pretrain's
+# short-run values (LR 2e-3 after 20 steps, momentum 0.95, teacher temperature 0.02, the
+# temperature the tiny teacher was trained with).
+
+
+def _distill(students: dict[str, str], steps: int, batch: int, lr_peak: float) -> Tree:
+    return {
+        "distill": {"students": {name: {"arch": arch} for name, arch in students.items()}},
+        "crops": {"global_size": 224, "local_size": 96, "n_local": 8},
+        "loss": {"teacher_temp": constant(0.07)},
+        "optim": {"lr": schedule(0.0, 0.0, lr_peak, cosine_steps=steps // 2),
+                  "weight_decay": constant(0.04), "freeze_last_layer_steps": 0},
+        "ema": {"momentum": schedule(0.994, 0.994, 1.0)},
+        "data": {"num_workers": 10},
+        "train": {"steps": steps, "batch_size": batch, "checkpoint_every": 1250, "teacher_checkpoint_every": 0,
+                  "log_every": 50, "compile": True},
+    }
+
+
+_DISTILL: dict[str, Tree] = {
+    "tiny": {
+        "distill": {"students": {"micro": {"arch": "micro", "layerscale_init": 1.0},
+                                 "tiny": {"arch": "tiny", "layerscale_init": 1.0}}},
+        "crops": {"global_size": 48, "local_size": 24, "n_local": 4},
+        "loss": {"teacher_temp": constant(0.02)},
+        "optim": {"lr": schedule(0.0, 2e-3, 2e-3, warmup_steps=20), "weight_decay": constant(0.04),
+                  "layerwise_decay": 1.0, "freeze_last_layer_steps": 0},
+        "ema": {"momentum": constant(0.95)},
+        "data": {"num_workers": 0, "shuffle_buffer": 256},
+        "train": {"steps": 200, "batch_size": 32, "checkpoint_every": 50, "teacher_checkpoint_every": 0,
+                  "log_every": 10},
+    },
+    "vits16": _distill({"vits16": "vits16"}, 25_000, 64, 5e-5),
+    "vitb16": _distill({"vits16": "vits16"}, 25_000, 64, 5e-5),
+    "vitl16": _distill({"vits16": "vits16", "vitb16": "vitb16"}, 25_000, 64, 5e-5),
+    "vit7b16": _distill({"vits16": "vits16", "vitsp16": "vitsp16", "vitb16": "vitb16", "vitl16": "vitl16"},
+                        25_000, 8, 5e-5),
+}
+
 # --------------------------------------------------------------------------- benchmark
 # The random-init baselines (`random:<arch>`) use the size's input side; tiny tensors run faster on
 # one thread on a shared 2-core machine.
@@ -243,6 +285,7 @@ PRESETS: dict[str, dict[str, Tree]] = {
     "anchor": _ANCHOR,
     "gram": _GRAM,
     "highres": _HIGHRES,
+    "distill": _DISTILL,
     "benchmark": _BENCHMARK,
 }
 

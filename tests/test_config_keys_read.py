@@ -1,6 +1,6 @@
 """Every config key of every stage is read by the code that runs the stage, not only by its validators.
 
-The tiny DAG runs in this process (curate → pretrain → anchor → gram → highres → benchmark) while
+The tiny DAG runs in this process (curate → pretrain → anchor → gram → highres → distill → benchmark) while
 attribute reads of config sections are recorded; reads inside config validation do not count. A
 key that nothing reads fails the test (a key that does nothing is a promise the code does not keep).
 """
@@ -20,6 +20,7 @@ from gramline.curate.config import CurateConfig
 from gramline.eval.anchor import AnchorConfig
 from gramline.eval.benchmark import BenchmarkConfig
 from gramline.train.recipes.dino.config import DinoConfig, GramStageConfig, HighresStageConfig
+from gramline.train.recipes.distill.config import DistillConfig
 
 # Keys read only on paths a tiny CPU run does not take, each with the code that reads it.
 NOT_ON_THE_TINY_PATH = {
@@ -93,7 +94,7 @@ def sets(*overrides: str) -> list[str]:
 def test_every_config_key_is_read_by_the_stage_that_has_it(tmp_path: Path) -> None:
     from phase_run import one_thread
 
-    from gramline.stages import anchor, benchmark, curate, gram, highres, pretrain
+    from gramline.stages import anchor, benchmark, curate, distill, gram, highres, pretrain
 
     data, runs = tmp_path / "data", tmp_path
     short = sets("train.steps=4", "train.batch_size=8", "train.checkpoint_every=2", "train.teacher_checkpoint_every=2",
@@ -109,15 +110,17 @@ def test_every_config_key_is_read_by_the_stage_that_has_it(tmp_path: Path) -> No
                                                                    "train.batch_size=8")]) == 0
         assert highres.main(["--model", str(runs / "gram"), "--dataset", str(data), "--out-model",
                              str(runs / "highres"), *short]) == 0
+        assert distill.main(["--teacher", str(runs / "highres"), "--dataset", str(data), "--out-model",
+                             str(runs / "distill"), *sets("train.steps=2", "train.batch_size=8")]) == 0
         assert benchmark.main(["--model", f"highres={runs / 'highres'}", "--model", "random=random:tiny",
                                "--eval-dataset", str(data), "--out-metrics", str(runs / "metrics"),
                                "--out-report", str(runs / "report"),
                                *sets("linear.epochs=2", "seg.steps=2", "dense.images=4", "report.images=2")]) == 0
     expected = set()
-    for root in (CurateConfig, DinoConfig, AnchorConfig, GramStageConfig, HighresStageConfig, BenchmarkConfig):
+    roots = (CurateConfig, DinoConfig, AnchorConfig, GramStageConfig, HighresStageConfig, DistillConfig, BenchmarkConfig)
+    for root in roots:
         expected |= leaf_keys(root)
-    labels = {(root.__name__, "preset") for root in (CurateConfig, DinoConfig, AnchorConfig, GramStageConfig,
-                                                     HighresStageConfig, BenchmarkConfig)}
+    labels = {(root.__name__, "preset") for root in roots}
     unread = sorted(expected - reads - labels - set(NOT_ON_THE_TINY_PATH) - set(DERIVING))
     assert unread == [], f"config keys nothing reads: {unread}"
     assert not reads & (set(NOT_ON_THE_TINY_PATH) | set(DERIVING)), "an exception above is read after all"

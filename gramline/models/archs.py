@@ -1,7 +1,8 @@
-"""Named backbone architectures, all built from timm's DINOv3 ViT classes (sizes as in the official `dinov3/hub/backbones.py`).
+"""Named backbone architectures, all built from timm's DINOv3 ViT classes (sizes as in the official
+`dinov3/hub/backbones.py`).
 
-`tiny` is the same Eva class as ViT-S/16 with small width, depth and patch, so CPU runs exercise
-the real code path.
+`micro`, `tiny` and `small` are the same Eva class as ViT-S/16 with small width, depth and patch, so
+CPU runs exercise the real code path (`micro` is the narrow student of the tiny distillation).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
+    "micro": Arch("vit_small_patch16_dinov3_qkvb", patch_size=8, embed_dim=48, depth=4, num_heads=2),
     "tiny": Arch("vit_small_patch16_dinov3_qkvb", patch_size=8, embed_dim=96, depth=4, num_heads=3),
     "small": Arch("vit_small_patch16_dinov3_qkvb", patch_size=8, embed_dim=192, depth=6, num_heads=3),
     "vits16": Arch("vit_small_patch16_dinov3_qkvb", 16, 384, 12, 6),

@@ -1,0 +1,1 @@
+"""The distillation recipe: several students from one frozen teacher."""
