@@ -53,10 +53,16 @@ def check_dag_outputs(run_dir: Path) -> None:
     dataset = json.loads((run_dir / "curate" / "dataset" / "manifest.json").read_text())
     assert dataset["kind"] == "Dataset" and dataset["splits"]["train"] > 0 and dataset["splits"]["eval"] > 0
 
+    artifacts = {}  # benchmarked name -> Model directory; a distill output holds one Model per student
     for name in models:
-        model_dir = run_dir / name / "model"
-        manifest = json.loads((model_dir / "manifest.json").read_text())
+        manifest = json.loads((run_dir / name / "model" / "manifest.json").read_text())
         assert manifest["kind"] == "Model" and manifest["stage"] == name
+        students = manifest.get("students") or {}
+        artifacts |= {f"{name}.{s}": run_dir / name / "model" / rel for s, rel in students.items()} if students else \
+            {name: run_dir / name / "model"}
+    assert {n.split(".")[0] for n in artifacts} == set(models) and len(artifacts) > len(models)  # 2 tiny students
+    for name, model_dir in artifacts.items():
+        manifest = json.loads((model_dir / "manifest.json").read_text())
         timm_spec = manifest["timm"]
         net = timm.create_model(timm_spec["name"], pretrained=True, **timm_spec["kwargs"],
                                 pretrained_cfg_overlay={"file": str(model_dir / "backbone.safetensors")}).eval()
@@ -67,16 +73,16 @@ def check_dag_outputs(run_dir: Path) -> None:
 
     bench = run_dir / "benchmark"
     metrics = json.loads((bench / "metrics" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {*models, "random"}
+    assert set(metrics["models"]) == {*artifacts, "random"}
     for name, values in metrics["models"].items():
         assert values and all(isinstance(v, (int, float)) for v in values.values()), name
     logged = json.loads((bench / "executor_output.json").read_text())["artifacts"]["metrics"]["artifacts"][0]
-    assert {key.split("/")[0] for key in logged["metadata"]} == {*models, "random"}
+    assert {key.split("/")[0] for key in logged["metadata"]} == {*artifacts, "random"}
     html = (bench / "report").read_text()
     assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:500].lower()
-    assert all(name in html for name in models) and "data:image/png;base64," in html
+    assert all(name in html for name in artifacts) and "data:image/png;base64," in html
     markdown = (bench / "report_md").read_text()
-    assert markdown.startswith("# ") and all(name in markdown for name in models)
+    assert markdown.startswith("# ") and all(name in markdown for name in artifacts)
     assert (bench / "report_dir" / "report.html").is_file()
 
 

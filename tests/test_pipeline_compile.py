@@ -31,14 +31,17 @@ EDGES = {
     ("gram", "dataset"): ("curate", "dataset"),
     ("highres", "anchored"): ("gram", "model"),
     ("highres", "dataset"): ("curate", "dataset"),
+    ("distill", "teacher"): ("highres", "model"),
+    ("distill", "dataset"): ("curate", "dataset"),
     ("benchmark", "eval_dataset"): ("curate", "dataset"),
     ("benchmark", "pretrain"): ("pretrain", "model"),
     ("benchmark", "anchor"): ("anchor", "model"),
     ("benchmark", "gram"): ("gram", "model"),
     ("benchmark", "highres"): ("highres", "model"),
+    ("benchmark", "distill"): ("distill", "model"),
 }
-STAGES = ["curate", "pretrain", "anchor", "gram", "highres", "benchmark"]
-TRAINING = ["pretrain", "gram", "highres"]
+STAGES = ["curate", "pretrain", "anchor", "gram", "highres", "distill", "benchmark"]
+TRAINING = ["pretrain", "gram", "highres", "distill"]
 
 
 def compile_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -97,14 +100,16 @@ def test_artifact_placeholders_follow_the_dag_edges(compiled: tuple[dict, dict])
     assert _flag(args["gram"], "--model") == "{{$.inputs.artifacts['pretrained'].path}}"
     assert _flag(args["gram"], "--anchor") == "{{$.inputs.artifacts['anchor'].path}}"
     assert _flag(args["highres"], "--model") == "{{$.inputs.artifacts['anchored'].path}}"
-    for stage in ("pretrain", "anchor", "gram", "highres"):
+    assert _flag(args["distill"], "--teacher") == "{{$.inputs.artifacts['teacher'].path}}"
+    for stage in ("pretrain", "anchor", "gram", "highres", "distill"):
         assert _flag(args[stage], "--out-model") == out_model
         assert _flag(args[stage], "--output-uri") == '{"Concat": ["model=", "{{$.outputs.artifacts[\'model\'].uri}}"]}'
         assert _flag(args[stage], "--overrides") == "{{$.inputs.parameters['overrides']}}"
     bench = args["benchmark"]
     models = [bench[i + 1] for i, a in enumerate(bench) if a == "--model"]
     assert models == [
-        *[f'{{"Concat": ["{m}=", "{{{{$.inputs.artifacts[\'{m}\'].path}}}}"]}}' for m in ("pretrain", "anchor", "gram", "highres")],
+        *[f'{{"Concat": ["{m}=", "{{{{$.inputs.artifacts[\'{m}\'].path}}}}"]}}' for m in ("pretrain", "anchor", "gram", "highres",
+                                                                                      "distill")],
         '{"Concat": ["random=random:", "{{$.inputs.parameters[\'preset\']}}"]}',
         "timm=timm:vit_large_patch16_dinov3.lvd1689m",
     ]

@@ -85,6 +85,23 @@ def parse_model_spec(name: str, value: str) -> ModelSpec:
     return ModelSpec(name, "dir", value)
 
 
+def expand_students(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """A Model directory holding several students (the distill stage's output: a manifest with
+    `students`) stands for each of them, named `<name>.<student>`."""
+    from gramline.artifacts import read_manifest
+
+    out: list[ModelSpec] = []
+    for spec in specs:
+        manifest = read_manifest(spec.target, "Model", f"--model {spec.name}") if spec.kind == "dir" else {}
+        students = manifest.get("students") or {}
+        if not students:
+            out.append(spec)
+            continue
+        out += [ModelSpec(f"{spec.name}.{student}", "dir", str(Path(spec.target) / rel))
+                for student, rel in students.items()]
+    return out
+
+
 @dataclass
 class LoadedModel:
     """A frozen backbone ready to probe, with what the report shows about it."""

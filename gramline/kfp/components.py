@@ -105,7 +105,16 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]
             args=["--model", anchored.path, "--dataset", dataset.path, "--out-model", model.path,
                   *common_args(preset, overrides, {"model": model})])
 
-    return {"curate": curate, "pretrain": pretrain, "anchor": anchor, "gram": gram, "highres": highres}
+    @dsl.container_component
+    def distill(teacher: Input[Model], dataset: Input[Dataset], preset: str, overrides: dict, model: Output[Model]):
+        """Distil the preset's students from the frozen teacher, sharing every teacher forward."""
+        return dsl.ContainerSpec(
+            image=image, command=stage_command("distill"),
+            args=["--teacher", teacher.path, "--dataset", dataset.path, "--out-model", model.path,
+                  *common_args(preset, overrides, {"model": model})])
+
+    return {"curate": curate, "pretrain": pretrain, "anchor": anchor, "gram": gram, "highres": highres,
+            "distill": distill}
 
 
 def benchmark_component(model_names: Sequence[str], image: str = DEFAULT_IMAGE,

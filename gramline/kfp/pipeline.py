@@ -1,8 +1,8 @@
 """The gramline DAG as a KFP pipeline, built from a table of stages and their edges.
 
-    curate ─► pretrain ─► anchor ─► gram ─► highres ─► benchmark
-       │          └──────────────────┘                    ▲
-       └── dataset to every stage; every Model ───────────┘ (+ random-init, optional timm baseline)
+    curate ─► pretrain ─► anchor ─► gram ─► highres ─► distill ─► benchmark
+       │          └──────────────────┘                               ▲
+       └── dataset to every stage; every Model (each student) ───────┘ (+ random-init, optional timm baseline)
 
 Adding a stage = its component in `components.py` + one `Stage` row here (its edges). A stage whose
 module is not in this build (`gramline.stages.<name>`), or whose upstream is missing, is left out.
@@ -53,6 +53,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("gram", {"pretrained": "pretrain.model", "anchor": "anchor.model", "dataset": "curate.dataset"},
           produces_model=True),
     Stage("highres", {"anchored": "gram.model", "dataset": "curate.dataset"}, produces_model=True),
+    Stage("distill", {"teacher": "highres.model", "dataset": "curate.dataset"}, produces_model=True),
 )
 BENCHMARK = Stage("benchmark", {"eval_dataset": "curate.dataset"})
 

@@ -9,7 +9,7 @@ S3 credentials from a Secret, an optional PVC, node selector, tolerations, retri
 timeouts and caching. The stages' recipe presets (gramline/presets.py) are another thing: a
 profile names one as the default of the `preset` parameter.
 
-Caching: training stages (pretrain, gram, highres) never come from the cache, nor does curate (its
+Caching: training stages (pretrain, gram, highres, distill) never come from the cache, nor does curate (its
 source URI can name a bucket whose content changed). anchor and benchmark are pure functions of
 their input artifacts and parameters, so KFP's cache key (which includes them) is safe.
 """
@@ -84,11 +84,12 @@ TINY = DeploymentProfile(
                  "train.checkpoint_every": 2, "train.teacher_checkpoint_every": 2, "train.log_every": 2},
         "highres": {"train.steps": 4, "train.batch_size": 8, "train.checkpoint_every": 2,
                     "train.teacher_checkpoint_every": 2, "train.log_every": 2},
+        "distill": {"train.steps": 4, "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 2},
         "benchmark": {"linear.epochs": 10, "seg.steps": 20, "dense.images": 8, "report.images": 3},
     },
     tasks={stage: TaskSettings(cpu="2", memory="4Gi", shm="1Gi", timeout_s=3600,
                                cache=stage in ("anchor", "benchmark"))
-           for stage in ("curate", "pretrain", "anchor", "gram", "highres", "benchmark")},
+           for stage in ("curate", "pretrain", "anchor", "gram", "highres", "distill", "benchmark")},
     s3_secret=None,  # no retries either: a failing local stage should stop the run at once
 )
 
@@ -103,7 +104,8 @@ def _gpu_profile(name: str, description: str, gpus: int, product: str, memory: s
         source="synthetic:n=20000,size=224,seed=0",
         preset=name,
         curate_preset="large",
-        overrides={stage: {} for stage in ("curate", "pretrain", "anchor", "gram", "highres", "benchmark")},
+        overrides={stage: {} for stage in ("curate", "pretrain", "anchor", "gram", "highres", "distill",
+                                           "benchmark")},
         tasks={
             "curate": TaskSettings(cpu="16", memory="64Gi", gpus=1, gpu_product=product, shm="16Gi",
                                    timeout_s=2 * _DAY, retries=2),
@@ -112,6 +114,7 @@ def _gpu_profile(name: str, description: str, gpus: int, product: str, memory: s
                                    timeout_s=6 * 3600, retries=2, cache=True),
             "gram": train,
             "highres": train,
+            "distill": train,
             "benchmark": TaskSettings(cpu="8", memory="64Gi", gpus=1, gpu_product=product, shm="8Gi",
                                       timeout_s=_DAY, retries=2, cache=True),
         },

@@ -4,8 +4,9 @@
         --out-metrics DIR --out-report DIR [--out-html FILE] [--out-markdown FILE]
         [--preset NAME] [--config FILE] [--set key=value ...] [--executor-output FILE]
 
-SPEC is a Model artifact directory, `timm:<timm name>[@<weights file>]` or `random:<arch>` (a
-seeded random-init baseline). On the eval split: k-NN and a linear probe on its labels, a
+SPEC is a Model artifact directory (the distill stage's output stands for each of its students,
+`NAME.<student>`), `timm:<timm name>[@<weights file>]` or `random:<arch>` (a seeded random-init
+baseline). On the eval split: k-NN and a linear probe on its labels, a
 segmentation probe on its masks, and the label-free dense diagnostics (patch correspondence,
 Gram similarity to a reference model). Whatever cannot run is skipped and the report says why;
 exit 2 when a model or the dataset is unusable, or nothing at all can be measured. The work
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from gramline.errors import InputError
 from gramline.eval.benchmark import BenchmarkRequest, load_benchmark_config, run_benchmark
-from gramline.eval.features import parse_model_spec
+from gramline.eval.features import expand_students, parse_model_spec
 from gramline.stages.common import emit_executor_output, parse_named, run_stage, stage_parser
 
 STAGE = "benchmark"
@@ -38,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.model:
         raise InputError("--model", "none given", "at least one NAME=SPEC")
     config = load_benchmark_config(args.preset, args.config, args.overrides)
-    specs = [parse_model_spec(name, value) for name, value in parse_named(args.model, "--model").items()]
+    specs = expand_students([parse_model_spec(name, value) for name, value in
+                             parse_named(args.model, "--model").items()])
     request = BenchmarkRequest(specs, args.eval_dataset, args.out_metrics, args.out_report, args.out_html,
                                args.out_markdown)
     flat = run_benchmark(request, config)
