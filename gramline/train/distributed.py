@@ -84,16 +84,18 @@ def barrier() -> None:
 
 
 def parallelize(model: nn.Module, env: DistEnv, mode: str, compile_blocks: bool,
-                also_shard: Sequence[nn.Module] = ()) -> nn.Module:
-    """The module to call in the training forward: `model` itself on one process or under FSDP2
-    (then `model` and `also_shard` are sharded block by block in place), else DDP around it.
-    `compile_blocks` compiles each transformer block and head (`torch.compile`)."""
+                also_shard: Sequence[nn.Module] = (), group: dist.ProcessGroup | None = None,
+                group_size: int | None = None) -> nn.Module:
+    """The module to call in the training forward: `model` itself on one process (or a group of
+    one) or under FSDP2 (then `model` and `also_shard` are sharded block by block in place), else
+    DDP around it over `group` (default: the world, of `group_size` ranks). `compile_blocks`
+    compiles each transformer block and head (`torch.compile`)."""
     if compile_blocks:
         for block in model.backbone.vit.blocks:
             block.compile()
         for head in model.heads().values():
             head.compile()
-    if not env.enabled:
+    if (group_size if group_size is not None else env.world_size) <= 1:
         return model
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -104,4 +106,5 @@ def parallelize(model: nn.Module, env: DistEnv, mode: str, compile_blocks: bool,
             fully_shard(module)
         return model
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False)
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False,
+        process_group=group)

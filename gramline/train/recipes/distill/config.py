@@ -90,6 +90,9 @@ class DistillConfig(Strict):
             raise ValueError(f"crops.local_size={crops.local_size} must be smaller than crops.global_size={crops.global_size}")
         if crops.gram_size is not None:
             raise ValueError("crops.gram_size is set, but distillation has no Gram term; leave it null")
+        if self.train.distributed == "fsdp":
+            raise ValueError("train.distributed=fsdp: the distill stage trains each student with DDP over its own "
+                             "ranks; use auto or ddp")
         if self.train.teacher_checkpoint_every:
             raise ValueError(f"train.teacher_checkpoint_every={self.train.teacher_checkpoint_every}: the distill "
                              "stage's teacher is fixed and writes no periodic teacher checkpoints; set it to 0")

@@ -175,11 +175,8 @@ class DistillRecipe:
                                            {"backbone": model.backbone, **model.heads()}, device)
         student.lr = Timeline.of(student.optim.lr, cfg.train.steps)
         student.weight_decay = Timeline.of(student.optim.weight_decay, cfg.train.steps)
-        student.forward = model
-        if len(student.ranks) > 1:
-            student.forward = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-                process_group=student.group)
+        student.forward = distributed.parallelize(model, runtime.env, "ddp", cfg.train.compile, group=student.group,
+                                                  group_size=len(student.ranks))
         model.train()
 
     def parts(self) -> dict[str, Stateful]:
