@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from gramline.config import Strict
 
 
@@ -24,9 +26,15 @@ class CropsConfig(Strict):
 
 
 class MaskingConfig(Strict):
-    sample_probability: float = 0.5
+    sample_probability: float = 0.5  # share of global crops that get a block mask
     min_ratio: float = 0.1
     max_ratio: float = 0.5
+
+    @model_validator(mode="after")
+    def _ratios(self) -> MaskingConfig:
+        if not (0 <= self.sample_probability <= 1 and 0 <= self.min_ratio <= self.max_ratio < 1):
+            raise ValueError("masking needs 0 <= sample_probability <= 1 and 0 <= min_ratio <= max_ratio < 1")
+        return self
 
 
 class LoaderConfig(Strict):

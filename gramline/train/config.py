@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from gramline.config import Strict
 from gramline.train.schedules import Schedule
 
@@ -35,3 +37,9 @@ class TrainConfig(Strict):
     log_every: int = 10
     max_nan_steps: int = 2  # consecutive non-finite losses tolerated (those steps are skipped)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+
+    @model_validator(mode="after")
+    def _positive(self) -> TrainConfig:
+        if self.steps <= 0 or self.batch_size < 2:
+            raise ValueError("train.steps must be > 0 and train.batch_size >= 2 (KoLeo needs a neighbour)")
+        return self

@@ -90,11 +90,6 @@ class DinoConfig(Strict):
         for name, (lo, hi) in (("crops.global_scale", crops.global_scale), ("crops.local_scale", crops.local_scale)):
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
-        m = self.masking
-        if not (0 <= m.sample_probability <= 1 and 0 <= m.min_ratio <= m.max_ratio < 1):
-            raise ValueError("masking needs 0 <= sample_probability <= 1 and 0 <= min_ratio <= max_ratio < 1")
-        if self.train.steps <= 0 or self.train.batch_size < 2:
-            raise ValueError("train.steps must be > 0 and train.batch_size >= 2 (KoLeo needs a neighbour)")
         if self.loss.koleo_group_size is not None and self.loss.koleo_group_size < 2:
             raise ValueError(f"loss.koleo_group_size={self.loss.koleo_group_size} must be >= 2 (or null)")
         if self.gram.enabled and crops.gram_size is None:

@@ -96,11 +96,6 @@ class DistillConfig(Strict):
         if self.train.teacher_checkpoint_every:
             raise ValueError(f"train.teacher_checkpoint_every={self.train.teacher_checkpoint_every}: the distill "
                              "stage's teacher is fixed and writes no periodic teacher checkpoints; set it to 0")
-        if self.train.steps <= 0 or self.train.batch_size < 2:
-            raise ValueError("train.steps must be > 0 and train.batch_size >= 2 (KoLeo needs a neighbour)")
-        m = self.masking
-        if not (0 <= m.sample_probability <= 1 and 0 <= m.min_ratio <= m.max_ratio < 1):
-            raise ValueError("masking needs 0 <= sample_probability <= 1 and 0 <= min_ratio <= max_ratio < 1")
         return self
 
 
