@@ -5,14 +5,16 @@ against N separate single-student runs (the saving the shared teacher forward ex
     python bench/distill_step.py --device cuda --preset vitl16 --teacher-arch vitl16   # bf16 on a GPU
 
 Model time only, on one fixed batch of the real multi-crop pipeline, after warm-up steps; sections
-are timed by the training runtime's `section` hooks (synchronised on CUDA). The teacher has random
-weights: its values do not change the time. All figures come from the same run.
+are timed by the training runtime's `section` hooks (synchronised on CUDA). The shared and the
+single-student runs are timed in interleaved rounds and their medians compared. The teacher has
+random weights: its values do not change the time. All figures come from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -82,14 +85,22 @@ def main() -> None:
         torch.manual_seed(0)
         teacher = DinoModel(BackboneConfig(arch=args.teacher_arch, img_size=config.crops.global_size),
                             teacher_heads(config))
-        shared_s, shared = time_steps(make_loop(config, teacher, device, Path(tmp) / "shared"), batch, args.steps,
-                                      args.warmup)
-        separate: dict[str, float] = {}
+        loops = {"shared": make_loop(config, teacher, device, Path(tmp) / "shared")}
         for name in config.distill.students:
             alone = config.model_copy(update={"distill": config.distill.model_copy(
                 update={"students": {name: config.distill.students[name]}})})
-            separate[name], _ = time_steps(make_loop(alone, teacher, device, Path(tmp) / name), batch, args.steps,
-                                           args.warmup)
+            loops[name] = make_loop(alone, teacher, device, Path(tmp) / name)
+        times: dict[str, list[float]] = {key: [] for key in loops}
+        sections: dict[str, list[dict[str, float]]] = {key: [] for key in loops}
+        for _ in range(args.rounds):  # interleaved, so that drifts of the machine hit every variant alike
+            for key, loop in loops.items():
+                step_s, parts = time_steps(loop, batch, args.steps, args.warmup)
+                times[key].append(step_s)
+                sections[key].append(parts)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    shared_s = median.pop("shared")
+    separate = median
+    shared = {k: statistics.median(p[k] for p in sections["shared"]) for k in sections["shared"][0]}
     students = {name: sum(v for k, v in shared.items() if k.endswith(f".{name}")) for name in config.distill.students}
     row = {"device": str(device), "preset": args.preset, "teacher": args.teacher_arch, "batch": config.train.batch_size,
            "shared_step_s": shared_s, "teacher_s": shared.get("teacher", 0.0), "student_s": students,
