@@ -210,3 +210,26 @@ def test_bad_input_exits_2_naming_the_problem(run: TinyRun, tmp_path: Path, caps
     assert "distill.students" in err and "3 students for 2 processes" in err
     monkeypatch.delenv("WORLD_SIZE")
     assert not out.exists()
+
+
+def test_a_student_can_start_from_a_model(run: TinyRun, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`distill.students.<name>.init`: the tiny student starts as the (tiny) teacher; the LR warmup
+    starts at 0, so after step 1 it still is. A Model of another architecture is refused."""
+    teacher = load_file(str(run.pretrain / "backbone.safetensors"))
+    equal: list[bool] = []
+
+    def check(recipe: DistillRecipe, step: int) -> None:
+        if step == 1:
+            tiny = next(s for s in recipe.students if s.name == "tiny")
+            state = tiny.model.backbone.vit.state_dict()
+            equal.append(all(torch.equal(state[k], v) for k, v in teacher.items()))
+
+    with one_thread():
+        assert distill.main(argv(run, tmp_path / "out", [*SHORT, "train.steps=1",
+                                                         f"distill.students.tiny.init={run.pretrain}"]),
+                            hooks=[check]) == 0
+    assert equal == [True]
+    bad = tmp_path / "bad"
+    assert stage_exit_code(distill.main_cli, argv(run, bad, [f"distill.students.micro.init={run.pretrain}"])) == 2
+    err = capsys.readouterr().err
+    assert "distill.students.micro.init" in err and "tiny" in err and not bad.exists()

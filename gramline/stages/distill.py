@@ -29,7 +29,7 @@ from gramline.stages.common import emit_executor_output, run_stage, stage_parser
 from gramline.train.data import batch_source
 from gramline.train.recipes.dino.model import DinoModel
 from gramline.train.recipes.distill.config import check_heads, load_distill_config
-from gramline.train.recipes.distill.inputs import load_student_model, load_teacher, student_init
+from gramline.train.recipes.distill.inputs import load_student_model, load_teacher
 from gramline.train.recipes.distill.recipe import STUDENTS_DIR, DistillRecipe
 from gramline.train.run import StepHook, TrainingRun, run_training
 
@@ -52,10 +52,6 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     heads = check_heads(config, teacher_config.heads, "--teacher")
     recipe = DistillRecipe(config, teacher, heads)
     recipe.plan_groups(int(os.environ.get("WORLD_SIZE", "1")))  # bad groups fail before anything is written
-    inits = {s.name: student_init(Path(spec.init), s.backbone, s.heads, f"distill.students.{s.name}.init")
-             for s, spec in zip(recipe.students, config.distill.students.values()) if spec.init}
-    for student in recipe.students:
-        student.init = inits.get(student.name)
     result = run_training(TrainingRun(
         stage="distill", config=config, dataset=args.dataset, out_dir=args.out_model, recipe=recipe,
         batches=lambda info, env: batch_source(info, config, env, global_batches=True),

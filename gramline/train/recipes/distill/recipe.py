@@ -49,6 +49,7 @@ from gramline.train.recipes.distill.groups import (
     gather_crop_major,
     gather_masked,
 )
+from gramline.train.recipes.distill.inputs import student_init
 from gramline.train.runtime import Runtime
 from gramline.train.schedules import Timeline
 from gramline.train.teachers import EmaTeacher, FrozenTeacher, ModulePart
@@ -121,19 +122,22 @@ class DistillRecipe:
     upgrade = None
 
     def __init__(self, config: DistillConfig, teacher: DinoModel, heads: Mapping[str, HeadsConfig],
-                 inits: Mapping[str, Mapping[str, Tensor] | None] | None = None, log: bool = True) -> None:
+                 log: bool = True) -> None:
         """`teacher`: the frozen teacher with its heads; `heads`: each student's head sizes
-        (config.check_heads); `inits`: weights a student starts from (None: random init)."""
+        (config.check_heads). A student with `init` starts from that Model's weights (read here, so
+        a bad one fails before anything is written)."""
         self.config = config
         self.teacher = FrozenTeacher(teacher)
         self.log = log
-        inits = inits or {}
-        self.students = [
-            Student(name, BackboneConfig(arch=s.arch, img_size=s.img_size or config.crops.global_size,
-                                         drop_path_rate=s.drop_path_rate, layerscale_init=s.layerscale_init,
-                                         rope_rescale_coords=s.rope_rescale_coords),
-                    heads[name], s.optim or config.optim, inits.get(name), RngState(seed_of(config.train.seed, i)))
-            for i, (name, s) in enumerate(config.distill.students.items())]
+        self.students = []
+        for i, (name, spec) in enumerate(config.distill.students.items()):
+            backbone = BackboneConfig(arch=spec.arch, img_size=spec.img_size or config.crops.global_size,
+                                      drop_path_rate=spec.drop_path_rate, layerscale_init=spec.layerscale_init,
+                                      rope_rescale_coords=spec.rope_rescale_coords)
+            init = (student_init(Path(spec.init), backbone, heads[name], f"distill.students.{name}.init")
+                    if spec.init else None)
+            self.students.append(Student(name, backbone, heads[name], spec.optim or config.optim, init,
+                                         RngState(seed_of(config.train.seed, i))))
         self.loss_names = [f"{s.name}.{term}" for s in self.students for term in TERMS[1:]]
         self.progress_keys = ["total", *(f"{s.name}.total" for s in self.students)]
 
