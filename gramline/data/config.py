@@ -24,6 +24,18 @@ class CropsConfig(Strict):
     gram_size: int | None = None  # side of the Gram teacher's crops (None: no Gram crops)
     gram_no_distortions: bool = True
 
+    @model_validator(mode="after")
+    def _consistent(self) -> CropsConfig:
+        if self.local_size >= self.global_size:
+            raise ValueError(f"crops.local_size={self.local_size} must be smaller than crops.global_size="
+                             f"{self.global_size}")
+        if not 0 <= self.n_local <= 32:
+            raise ValueError(f"crops.n_local={self.n_local} must be between 0 and 32")
+        for name, (lo, hi) in (("crops.global_scale", self.global_scale), ("crops.local_scale", self.local_scale)):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+        return self
+
 
 class MaskingConfig(Strict):
     sample_probability: float = 0.5  # share of global crops that get a block mask

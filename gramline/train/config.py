@@ -1,4 +1,5 @@
-"""Config sections every training recipe shares: the loop, the optimizer, the EMA teacher."""
+"""Config sections every training recipe shares: the loop, the optimizer, the EMA teacher, and the
+base of the multi-crop recipes' configs (DINO, distillation)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from gramline.config import Strict
+from gramline.data.config import CropsConfig, LoaderConfig, MaskingConfig
 from gramline.train.schedules import Schedule
 
 
@@ -43,3 +45,20 @@ class TrainConfig(Strict):
         if self.steps <= 0 or self.batch_size < 2:
             raise ValueError("train.steps must be > 0 and train.batch_size >= 2 (KoLeo needs a neighbour)")
         return self
+
+
+class CropTrainingConfig(Strict):
+    """What every multi-crop training stage has (the crop-batch source reads these sections); a
+    recipe's config adds its model and loss sections and says which patch grid its masks use."""
+
+    preset: str = "custom"
+    crops: CropsConfig = CropsConfig()
+    masking: MaskingConfig = MaskingConfig()
+    optim: OptimConfig = OptimConfig()
+    ema: EmaConfig = EmaConfig()
+    data: LoaderConfig = LoaderConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def patch_size(self) -> int:
+        raise NotImplementedError

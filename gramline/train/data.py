@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from gramline.data.augment import CropSet, MultiCropAugment
 from gramline.data.collate import CropBatch, collate_crops
-from gramline.data.config import CropsConfig, LoaderConfig, MaskingConfig
+from gramline.data.config import MaskingConfig
 from gramline.data.reader import DatasetInfo
-from gramline.train.config import TrainConfig
+from gramline.train.config import CropTrainingConfig
 from gramline.train.distributed import DistEnv
 
 
@@ -76,19 +75,7 @@ class CollateBatch:
         return replace(batch, masks=batch.masks[rows])
 
 
-class CropRunConfig(Protocol):
-    """The sections a crop-batch source reads (the DINO and distillation configs have them)."""
-
-    train: TrainConfig
-    crops: CropsConfig
-    masking: MaskingConfig
-    data: LoaderConfig
-
-    @property
-    def patch_size(self) -> int: ...  # the masks' patch grid
-
-
-def batch_source(info: DatasetInfo, config: CropRunConfig, env: DistEnv,
+def batch_source(info: DatasetInfo, config: CropTrainingConfig, env: DistEnv,
                  augments: Sequence[MultiCropAugment] | None = None, choose: Callable[[int], int] | None = None,
                  global_batches: bool = False) -> Callable[[int], Iterator[CropBatch]]:
     """`batches(start_step)`: this rank's CropBatches of `train.batch_size` images from that step on.

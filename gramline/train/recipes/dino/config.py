@@ -23,11 +23,11 @@ from typing import Any
 from pydantic import ValidationError, model_validator
 
 from gramline.config import Strict, load_stage_config
-from gramline.data.config import CropsConfig, LoaderConfig, MaskingConfig
+from gramline.data.config import CropsConfig
 from gramline.errors import InputError
 from gramline.models.archs import ARCHS
 from gramline.models.config import BackboneConfig, HeadsConfig
-from gramline.train.config import EmaConfig, OptimConfig, TrainConfig
+from gramline.train.config import CropTrainingConfig
 from gramline.train.schedules import Schedule
 
 # every scheduled value of a DINO run, as (section, field)
@@ -56,18 +56,11 @@ class GramConfig(Strict):
     resize_antialias: bool = False
 
 
-class DinoConfig(Strict):
-    preset: str = "custom"
+class DinoConfig(CropTrainingConfig):
     backbone: BackboneConfig = BackboneConfig()
     heads: HeadsConfig = HeadsConfig()
-    crops: CropsConfig = CropsConfig()
-    masking: MaskingConfig = MaskingConfig()
     loss: LossConfig = LossConfig()
     gram: GramConfig = GramConfig()
-    optim: OptimConfig = OptimConfig()
-    ema: EmaConfig = EmaConfig()
-    data: LoaderConfig = LoaderConfig()
-    train: TrainConfig = TrainConfig()
 
     @property
     def patch_size(self) -> int:
@@ -83,13 +76,6 @@ class DinoConfig(Strict):
                            ("crops.gram_size", crops.gram_size)):
             if size is not None and (size <= 0 or size % patch):
                 raise ValueError(f"{name}={size} is not a positive multiple of the patch size {patch}")
-        if crops.local_size >= crops.global_size:
-            raise ValueError(f"crops.local_size={crops.local_size} must be smaller than crops.global_size={crops.global_size}")
-        if not 0 <= crops.n_local <= 32:
-            raise ValueError(f"crops.n_local={crops.n_local} must be between 0 and 32")
-        for name, (lo, hi) in (("crops.global_scale", crops.global_scale), ("crops.local_scale", crops.local_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
         if self.loss.koleo_group_size is not None and self.loss.koleo_group_size < 2:
             raise ValueError(f"loss.koleo_group_size={self.loss.koleo_group_size} must be >= 2 (or null)")
         if self.gram.enabled and crops.gram_size is None:

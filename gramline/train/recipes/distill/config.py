@@ -16,12 +16,11 @@ from pathlib import Path
 from pydantic import model_validator
 
 from gramline.config import Strict, resolve_config
-from gramline.data.config import CropsConfig, LoaderConfig, MaskingConfig
 from gramline.errors import InputError
 from gramline.models.archs import ARCHS
 from gramline.models.config import HeadsConfig
 from gramline.presets import stage_preset
-from gramline.train.config import EmaConfig, OptimConfig, TrainConfig
+from gramline.train.config import CropTrainingConfig, OptimConfig
 from gramline.train.schedules import Schedule
 
 
@@ -51,16 +50,9 @@ class DistillLossConfig(Strict):
     sinkhorn_iters: int = 3
 
 
-class DistillConfig(Strict):
-    preset: str = "custom"
+class DistillConfig(CropTrainingConfig):
     distill: DistillSettings = DistillSettings()
-    crops: CropsConfig = CropsConfig()
-    masking: MaskingConfig = MaskingConfig()
     loss: DistillLossConfig = DistillLossConfig()
-    optim: OptimConfig = OptimConfig()
-    ema: EmaConfig = EmaConfig()
-    data: LoaderConfig = LoaderConfig()
-    train: TrainConfig = TrainConfig()
 
     @property
     def patch_size(self) -> int:
@@ -86,8 +78,6 @@ class DistillConfig(Strict):
         if len(patches) > 1:
             raise ValueError(f"distill.students have different patch sizes {sorted(patches)}; the iBOT targets are "
                              "per teacher patch, so every student needs the teacher's patch size")
-        if crops.local_size >= crops.global_size:
-            raise ValueError(f"crops.local_size={crops.local_size} must be smaller than crops.global_size={crops.global_size}")
         if crops.gram_size is not None:
             raise ValueError("crops.gram_size is set, but distillation has no Gram term; leave it null")
         if self.train.distributed == "fsdp":
