@@ -22,7 +22,7 @@ from gramline.errors import InputError
 from gramline.stages import anchor, distill
 from gramline.train.checkpoint import latest_checkpoint
 from gramline.train.recipes.distill.groups import assign_ranks
-from gramline.train.recipes.distill.inputs import load_student_model
+from gramline.train.recipes.distill.inputs import load_dino_model
 from gramline.train.recipes.distill.recipe import DistillRecipe
 
 SHORT = ["train.batch_size=8", "train.log_every=1"]
@@ -139,7 +139,7 @@ def test_each_exported_student_loads_in_plain_timm(run: TinyRun, tmp_path: Path)
         spec = read_manifest(directory)["timm"]
         model = timm.create_model(spec["name"], pretrained=True, **spec["kwargs"],
                                   pretrained_cfg_overlay={"file": str(directory / "backbone.safetensors")}).eval()
-        ours = load_student_model(directory, name).backbone.eval()
+        ours = load_dino_model(directory, name)[0].backbone.eval()
         with torch.no_grad():
             assert torch.equal(model.forward_features(images)[:, 0], ours.forward_group(images)["cls"])
 

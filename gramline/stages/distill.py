@@ -29,7 +29,7 @@ from gramline.stages.common import emit_executor_output, run_stage, stage_parser
 from gramline.train.data import batch_source
 from gramline.train.recipes.dino.model import DinoModel
 from gramline.train.recipes.distill.config import check_heads, load_distill_config
-from gramline.train.recipes.distill.inputs import load_student_model, load_teacher
+from gramline.train.recipes.distill.inputs import load_dino_model
 from gramline.train.recipes.distill.recipe import STUDENTS_DIR, DistillRecipe
 from gramline.train.run import StepHook, TrainingRun, run_training
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     args = parser.parse_args(argv)
 
     config = load_distill_config(args.preset, args.config, args.overrides, args.student)
-    teacher, teacher_config = load_teacher(args.teacher, "--teacher")
+    teacher, teacher_config = load_dino_model(args.teacher, "--teacher")
     if teacher_config.patch_size != config.patch_size:
         raise InputError(f"--teacher {args.teacher}", f"has patch size {teacher_config.patch_size}, the students "
                          f"{config.patch_size}", "students with the teacher's patch size (the iBOT targets are per patch)")
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
         hooks=hooks))
     if result is None:
         return 0
-    students = {name: load_student_model(args.out_model / STUDENTS_DIR / name, f"student {name}")
+    students = {name: load_dino_model(args.out_model / STUDENTS_DIR / name, f"student {name}")[0]
                 for name in config.distill.students}
     with torch.random.fork_rng():
         torch.manual_seed(config.train.seed)

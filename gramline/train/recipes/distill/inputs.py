@@ -1,4 +1,5 @@
-"""What the distill stage reads: the teacher (a Model with its heads) and the Models students start from."""
+"""What the distill stage reads: Models with heads (the teacher, exported students) and the Models
+students start from."""
 
 from __future__ import annotations
 
@@ -20,18 +21,14 @@ from gramline.train.recipes.dino.inputs import (
 from gramline.train.recipes.dino.model import DinoModel
 
 
-def load_teacher(model_dir: Path, flag: str = "--teacher") -> tuple[DinoModel, DinoConfig]:
-    """The teacher DinoModel (backbone, mask token, DINO and iBOT heads) and its training config."""
+def load_dino_model(model_dir: Path, flag: str) -> tuple[DinoModel, DinoConfig]:
+    """A Model artifact with heads (the teacher, an exported student) as a DinoModel (backbone, mask
+    token, DINO and iBOT heads) in eval mode, and its training config."""
     manifest = require_teacher_with_heads(model_dir, flag)
     config = DinoConfig.model_validate(run_tree(manifest.get("config") or {}, f"{flag} {model_dir}"))
     model = DinoModel(config.backbone, config.heads)
     model.load_state_dict(dino_state_from_model(model_dir, config, flag))
     return model.eval(), config
-
-
-def load_student_model(model_dir: Path, flag: str) -> DinoModel:
-    """A student Model artifact (written by this stage) as a DinoModel."""
-    return load_teacher(model_dir, flag)[0]
 
 
 def student_init(model_dir: Path, backbone: BackboneConfig, heads: HeadsConfig, flag: str) -> dict[str, Tensor]:
