@@ -20,5 +20,5 @@ SHARDS_DIR = "shards"
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("source", pa.string()),
     ("sha256", pa.string()), ("size", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
-    ("label", pa.int32()), ("cluster", pa.string()), ("duplicate_of", pa.string()),
+    ("label", pa.int32()), ("cluster", pa.string()), ("duplicate_of", pa.string()), ("caption", pa.string()),
 ])

@@ -224,7 +224,7 @@ class DatasetWriter:
         row = {"key": sample.key, "split": split, "shard": shard.rel, "source": sample.source,
                "sha256": sample.sha256, "size": len(sample.image), "width": sample.width,
                "height": sample.height, "label": sample.label, "cluster": sample.cluster,
-               "duplicate_of": sample.duplicate_of}
+               "duplicate_of": sample.duplicate_of, "caption": sample.caption}
         for name, value in row.items():
             self._rows[name].append(value)
         self._labels.setdefault(split, Counter())[sample.label] += 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,7 +59,12 @@ def load_backbone(model_dir: Path | str, flag: str = "--model") -> tuple[nn.Modu
         raise InputError(f"{model_dir}/manifest.json", "has no timm.name", "a Model manifest with timm name + kwargs")
     model = build_timm(spec["name"], spec.get("kwargs", {}))
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise InputError(str(weights), f"is not a readable safetensors file ({err})",
+                         "the backbone weights a gramline stage wrote") from err
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise InputError(str(weights), f"does not match timm model {spec['name']} ({err})") from err
     return model.eval(), manifest
