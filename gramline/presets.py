@@ -239,6 +239,43 @@ _DISTILL: dict[str, Tree] = {
                         25_000, 8, 5e-5),
 }
 
+# --------------------------------------------------------------------------- align
+# LiT text alignment on the frozen backbone (`dinov3/eval/text/configs/dinov3_vitl_text.yaml`): 2
+# head blocks (LayerScale 1e-5, drop-path 0.3), a 24-layer text tower of width 1280, AdamW at LR 7e-4
+# with 2k warmup steps then a cosine to 0 over 50k, weight decay 1e-4, betas (0.9, 0.99), 256 images
+# per GPU (the recipe ran 32 GPUs), RandomResizedCrop 224 + flip. The paper aligns the distilled
+# ViT-L; every size gets the same towers here.
+
+
+def _align(steps: int, warmup: int, batch: int, size: int) -> Tree:
+    return {
+        "head": {"blocks": 2, "head_dim": 64, "layerscale_init": 1e-5, "drop_path_rate": 0.3},
+        "text": {"width": 1280, "layers": 24, "heads": 20, "context_length": 77},
+        "optim": {"lr": schedule(0.0, 7e-4, 0.0, warmup_steps=warmup), "weight_decay": 1e-4,
+                  "betas": [0.9, 0.99]},
+        "images": {"size": size, "augment": True},
+        "data": {"num_workers": 10},
+        "train": {"steps": steps, "batch_size": batch, "checkpoint_every": 2500, "log_every": 50,
+                  "teacher_checkpoint_every": 0, "compile": True},
+    }
+
+
+_ALIGN: dict[str, Tree] = {
+    # CPU in minutes: a 2-block head on the tiny backbone (width 96: 3 heads of 32), a 4-layer text
+    # tower of width 128, no drop-path, the whole image (the procedural captions describe all of it),
+    # a higher LR for a run of a few hundred steps (measurements in docs/presets.md).
+    "tiny": {
+        "head": {"blocks": 2, "head_dim": 32, "layerscale_init": 1e-5, "drop_path_rate": 0.0},
+        "text": {"width": 128, "layers": 4, "heads": 4, "context_length": 32},
+        "optim": {"lr": schedule(0.0, 1e-3, 0.0, warmup_steps=20), "weight_decay": 1e-4, "betas": [0.9, 0.99]},
+        "images": {"augment": False},
+        "train": {"steps": 200, "batch_size": 64, "checkpoint_every": 50, "log_every": 10,
+                  "teacher_checkpoint_every": 0},
+    },
+    **{name: _align(50_000, 2000, 256, 224) for name in ("vits16", "vitb16", "vitl16")},
+    "vit7b16": _align(50_000, 2000, 128, 256),
+}
+
 # --------------------------------------------------------------------------- benchmark
 # The random-init baselines (`random:<arch>`) use the size's input side; tiny tensors run faster on
 # one thread on a shared 2-core machine.
@@ -286,6 +323,7 @@ PRESETS: dict[str, dict[str, Tree]] = {
     "gram": _GRAM,
     "highres": _HIGHRES,
     "distill": _DISTILL,
+    "align": _ALIGN,
     "benchmark": _BENCHMARK,
 }
 

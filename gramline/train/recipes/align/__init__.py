@@ -1,0 +1,1 @@
+"""The alignment recipe: LiT text alignment on a frozen backbone (dino.txt)."""
