@@ -77,3 +77,14 @@ def test_random_baseline_is_seeded_and_takes_any_multiple_of_its_patch() -> None
     assert input_size_for(a, None) == 64 and input_size_for(a, 30) == 32  # rounded to the 8px patch
     cls, patches = forward_tokens(a.module, preprocess(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 32))
     assert cls.shape == (1, 96) and patches.shape == (1, 4, 4, 96)
+
+
+def test_eval_data_carries_the_captions(small_dataset: Path) -> None:
+    from gramline.data.reader import iter_samples
+    from gramline.eval.features import load_eval_data
+
+    data = load_eval_data(small_dataset)
+    expected = [s["caption"] for s in iter_samples(small_dataset, split="eval", decode=False)]
+    assert data.captions == expected and len(data.captions) == data.n
+    assert all(isinstance(c, str) and c for c in data.captions)
+    assert load_eval_data(small_dataset, max_images=3).captions == expected[:3]

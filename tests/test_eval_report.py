@@ -141,3 +141,36 @@ def test_feature_figure_layout() -> None:
     assert im[30, 5].tolist() == [0, 0, 0]  # a map tile
     assert im[10, 10].tolist() == [200, 200, 200]  # an image tile
     assert im[0, 24 + 15].tolist() == [255, 0, 0]  # query box on image 1, column 3 of 4 (pixels 15..19)
+
+
+def test_text_metrics_have_labels_order_and_percentages() -> None:
+    keys = ["retrieval_t2i_r5", "retrieval_i2t_r5", "zeroshot_seg_miou", "retrieval_i2t_r1", "zeroshot_top1",
+            "knn_top1_k10", "retrieval_t2i_r1"]
+    assert rep.metric_order(keys) == ["knn_top1_k10", "zeroshot_top1", "zeroshot_seg_miou",
+                                      "retrieval_i2t_r1", "retrieval_i2t_r5", "retrieval_t2i_r1",
+                                      "retrieval_t2i_r5"]
+    assert rep.metric_label("retrieval_i2t_r5") == "Image→text recall@5"
+    assert rep.metric_label("retrieval_t2i_r1") == "Text→image recall@1"
+    assert rep.metric_label("zeroshot_seg_pixel_acc") == "Zero-shot segmentation pixel acc."
+    assert rep.format_value("retrieval_t2i_r1", 0.25) == "25.0%"
+    assert rep.best_models("retrieval_i2t_r1", {"a": 0.2, "b": 0.5}) == {"b"}
+
+
+def test_text_query_figure_in_html_and_markdown() -> None:
+    images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    maps = np.random.default_rng(0).normal(size=(2, 6, 6)) * 0.05
+    queries = ["a photo of a circle.", "a photo of a star."]
+    png = rep.text_query_figure(images, maps, queries, tile=32)
+    figure = Image.open(io.BytesIO(png))
+    assert figure.width == 2 * 32 + 4 and figure.height > 2 * 32 + 4  # a label strip under the maps
+    report = sample_report()
+    report.models[0].text_png, report.models[0].text_queries = png, queries
+    parser = _Collect()
+    page = rep.render_html(report)
+    parser.feed(page)
+    assert [img["data-model"] for img in parser.images if img.get("class") == "text"] == ["pre"]
+    assert "a photo of a star." in page
+    md = rep.render_markdown(report)
+    assert "(images/text_pre.png)" in md and "“a photo of a circle.”" in md
+    assert rep.figure_files(report)["text_pre.png"] == png
+    assert "text_rand.png" not in rep.figure_files(report)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +25,17 @@ COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 
 
 
 class MockColourTower:
-    """A stand-in text tower (no aligned model exists before the align stage): images embed as their
-    mean RGB, texts as the RGB of the colour word they contain."""
+    """A stand-in text tower: images embed as their mean RGB, patches (4 px) as theirs, texts as the
+    RGB of the colour word they contain."""
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_patches(images).mean(dim=(1, 2))
+
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (images * std + mean).mean(dim=(2, 3)) - 0.5
+        rgb = torch.nn.functional.avg_pool2d(images * std + mean, 4) - 0.5
+        return rgb.permute(0, 2, 3, 1)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         rows = []
@@ -62,10 +69,25 @@ def _model(manifest: dict | None, tower=None) -> LoadedModel:
 def test_a_model_without_text_tower_gives_a_skip_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ZeroShotUnavailable, match="no text tower"):
         text_tower_of(_model({"kind": "Model", "stage": "pretrain"}))
-    monkeypatch.setattr(zeroshot, "TEXT_LOADER", "gramline.not_built_yet:load")  # as before the align stage
-    with pytest.raises(ZeroShotUnavailable, match="no loader"):
-        text_tower_of(_model({"kind": "Model", "stage": "align", "text_tower": {"name": "x"}}))
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "gramline.models.text", None)  # as before the align stage: import fails
+        with pytest.raises(ZeroShotUnavailable, match="no loader"):
+            text_tower_of(_model({"kind": "Model", "stage": "align", "text_tower": {"name": "x"}}))
     with pytest.raises(ZeroShotUnavailable, match="lacks encode_image"):
         text_tower_of(_model(None, tower=object()))
     tower = MockColourTower()
     assert text_tower_of(_model(None, tower=tower)) is tower
+
+
+def test_an_align_model_is_loaded_from_its_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    tower = MockColourTower()
+
+    def load_aligned(*args: object) -> MockColourTower:
+        calls.append(args)
+        return tower
+
+    monkeypatch.setitem(sys.modules, "gramline.models.text", types.SimpleNamespace(load_aligned=load_aligned))
+    assert text_tower_of(_model({"kind": "Model", "stage": "align", "text_tower": {"name": "x"}})) is tower
+    assert calls == [(Path("/nowhere"),)]
+    assert zeroshot.TEXT_MANIFEST_KEY == "text_tower"

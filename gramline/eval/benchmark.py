@@ -2,8 +2,9 @@
 
 Each model (a Model artifact, a timm backbone or a seeded random init; see gramline.eval.features)
 gets, on the eval split: k-NN and a linear probe on its labels (gramline.eval.knn, .linear), a
-linear segmentation probe on its masks (.segprobe), patch correspondence (.dense), zero-shot when it
-carries a text tower (.zeroshot); after all models, the Gram similarity of each to a reference
+linear segmentation probe on its masks (.segprobe), patch correspondence (.dense), and when it
+carries a text tower zero-shot classification, image-text retrieval on the captions and zero-shot
+segmentation on the masks (.zeroshot); after all models, the Gram similarity of each to a reference
 model. These are small-scale versions of the DINOv3 paper's evaluations (arXiv 2508.10104). Every
 model sees the same fixed-seed splits (`plan_probes`); whatever cannot run is skipped with a note
 the report prints. `run_benchmark` is the whole job, outputs included (gramline.eval.benchmark_outputs).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,19 @@ from gramline.eval.features import (
 from gramline.eval.knn import knn_accuracy
 from gramline.eval.linear import DEFAULT_LRS, linear_probe, probe_input
 from gramline.eval.segprobe import seg_probe
-from gramline.eval.zeroshot import DEFAULT_TEMPLATES, ZeroShotUnavailable, text_tower_of, zero_shot_accuracy
+from gramline.eval.zeroshot import (
+    DEFAULT_BACKGROUND,
+    DEFAULT_RECALL_KS,
+    DEFAULT_TEMPLATES,
+    TextAligned,
+    ZeroShotUnavailable,
+    retrieval_recall,
+    seg_class_embeddings,
+    text_query_maps,
+    text_tower_of,
+    zero_shot_accuracy,
+    zero_shot_segmentation,
+)
 from gramline.progress import Progress
 
 MIN_LABELLED = 4
@@ -85,6 +98,8 @@ class ReportSettings(Strict):
 
 class ZeroShotSettings(Strict):
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    recall_ks: list[int] = Field(default_factory=lambda: list(DEFAULT_RECALL_KS))  # retrieval recall@k
+    background: str = DEFAULT_BACKGROUND  # the class name the templates prompt the background (mask 0) with
 
 
 class BenchmarkConfig(Strict):
@@ -110,6 +125,10 @@ class BenchmarkConfig(Strict):
             (0 < self.linear.val_fraction < 1, "linear.val_fraction must be in (0, 1)"),
             (0 < self.dense.crop_fraction <= 1, "dense.crop_fraction must be in (0, 1]"),
             (bool(self.knn.ks) and min(self.knn.ks) > 0, "knn.ks must be positive integers"),
+            (bool(self.zeroshot.recall_ks) and min(self.zeroshot.recall_ks) > 0,
+             "zeroshot.recall_ks must be positive integers"),
+            (bool(self.zeroshot.templates) and all("{}" in t for t in self.zeroshot.templates),
+             "zeroshot.templates must be non-empty, each with a {} for the class name"),
             (self.knn.temperature > 0, "knn.temperature must be > 0"),
             (bool(self.linear.lrs) and min(self.linear.lrs) > 0, "linear.lrs must be positive"),
             (self.batch_size > 0 and self.linear.epochs > 0 and self.seg.steps > 0,
@@ -280,28 +299,88 @@ def evaluate_model(model: LoadedModel, data: EvalData, plan: ProbePlan, config: 
     sub = extract_features(model, data.images[subset], size, config.batch_size, label=f"{model.name} (figures)")
     assert sub.patches is not None
     run.dense_patches = sub.patches[:plan.dense_images]
-    _zero_shot(run, data, plan, config)
-    run.section = _section(run, data, plan, sub.patches[[subset.index(i) for i in plan.report_images]], config)
+    tower = _zero_shot(run, data, plan, config)
+    report_patches = sub.patches[[subset.index(i) for i in plan.report_images]]
+    run.section = _section(run, data, plan, report_patches, config, tower)
     return run
 
 
-def _zero_shot(run: ModelRun, data: EvalData, plan: ProbePlan, config: BenchmarkConfig) -> None:
+def _batches(images: torch.Tensor, size: int, batch_size: int) -> Iterator[torch.Tensor]:
+    for lo in range(0, images.shape[0], batch_size):
+        yield preprocess(images[lo:lo + batch_size], size)
+
+
+def _zero_shot(run: ModelRun, data: EvalData, plan: ProbePlan, config: BenchmarkConfig) -> TextAligned | None:
+    """Zero-shot classification, retrieval and segmentation; the tower, or None when there is none."""
     try:
         tower = text_tower_of(run.model)
     except ZeroShotUnavailable as why:
         run.details["zeroshot_skipped"] = str(why)
+        return None
+    settings = config.zeroshot
+    with torch.inference_mode():
+        if plan.labelled is None or plan.test is None or not data.classes:
+            run.details["zeroshot_skipped"] = f"{run.model.name}: the eval split has no labelled class names"
+        else:
+            test = plan.labelled[plan.test]
+            images = preprocess(data.images[test], run.size)
+            labels = _t(data.labels[test])
+            run.metrics["zeroshot_top1"] = zero_shot_accuracy(tower, images, labels, data.classes,
+                                                              settings.templates)
+        _retrieval(run, tower, data, config)
+        if plan.seg_test is None or data.masks is None or not data.classes:
+            run.notes.append("zero-shot segmentation skipped: it needs masks and class names in the eval "
+                             "split.")
+        else:
+            class_emb = seg_class_embeddings(tower, data.classes, settings.templates, settings.background)
+            masks = _t(data.masks[plan.seg_test]).long()
+            batches = _batches(data.images[plan.seg_test], run.size, config.batch_size)
+            patches = (tower.encode_patches(x) for x in batches)
+            pairs = zip(patches, masks.split(config.batch_size))
+            seg = zero_shot_segmentation(pairs, class_emb, plan.seg_classes)
+            run.metrics["zeroshot_seg_miou"] = seg.miou
+            run.metrics["zeroshot_seg_pixel_acc"] = seg.pixel_acc
+            run.details["zeroshot_seg_iou_by_class"] = {str(k): v for k, v in seg.iou_by_class.items()}
+    return tower
+
+
+def _retrieval(run: ModelRun, tower: TextAligned, data: EvalData, config: BenchmarkConfig) -> None:
+    """Recall@k both ways over every eval image that has a caption (see zeroshot.retrieval_recall)."""
+    captioned = [i for i, c in enumerate(data.captions) if c]
+    if len(captioned) < 2:
+        run.notes.append(f"retrieval skipped: {len(captioned)} eval image(s) have a caption; it needs at "
+                         "least 2.")
         return
-    if plan.labelled is None or not data.classes:
-        run.details["zeroshot_skipped"] = f"{run.model.name}: the eval split has no labelled class names"
-        return
-    test = plan.labelled[plan.test]
-    images = preprocess(data.images[test], run.size)
-    run.metrics["zeroshot_top1"] = zero_shot_accuracy(tower, images, _t(data.labels[test]), data.classes,
-                                                      config.zeroshot.templates)
+    captions = [str(data.captions[i]) for i in captioned]
+    unique = list(dict.fromkeys(captions))  # identical captions embed identically: encode each once
+    text = torch.cat([tower.encode_text(unique[lo:lo + config.batch_size]).float()
+                      for lo in range(0, len(unique), config.batch_size)])
+    position = {c: j for j, c in enumerate(unique)}
+    text = text[[position[c] for c in captions]]
+    image = torch.cat([tower.encode_image(x).float()
+                       for x in _batches(data.images[captioned], run.size, config.batch_size)])
+    for key, value in retrieval_recall(image, text, captions, config.zeroshot.recall_ks).items():
+        run.metrics[f"retrieval_{key}"] = value
+    if len(captioned) < data.n:
+        run.notes.append(f"retrieval uses the {len(captioned)} of {data.n} eval images that have a caption.")
+
+
+@torch.inference_mode()
+def _text_figure(run: ModelRun, tower: TextAligned, data: EvalData, plan: ProbePlan,
+                 config: BenchmarkConfig) -> tuple[bytes | None, list[str]]:
+    """The report images that have a class, each with the first prompt template of its own class name
+    as the text query, and the patch-text similarity map that query lights up."""
+    chosen = [i for i in plan.report_images if 0 <= data.labels[i] < len(data.classes)]
+    if not chosen:
+        return None, []
+    queries = [config.zeroshot.templates[0].format(data.classes[data.labels[i]]) for i in chosen]
+    patches = tower.encode_patches(preprocess(data.images[chosen], run.size))
+    maps = text_query_maps(patches, tower.encode_text(queries)).cpu().numpy()
+    return rep.text_query_figure(data.images[chosen], maps, queries, config.report.tile), queries
 
 
 def _section(run: ModelRun, data: EvalData, plan: ProbePlan, patches: torch.Tensor,
-             config: BenchmarkConfig) -> rep.ModelSection:
+             config: BenchmarkConfig, tower: TextAligned | None = None) -> rep.ModelSection:
     model = run.model
     images = data.images[plan.report_images]
     grid = patches.shape[1]
@@ -320,8 +399,11 @@ def _section(run: ModelRun, data: EvalData, plan: ProbePlan, patches: torch.Tens
             "params": f"{model.num_params / 1e6:.2f}M", "timm": type(model.module).__name__}
     if "linear_best_lr" in run.details:
         info["linear probe lr"] = run.details["linear_best_lr"]
+    text_png, queries = _text_figure(run, tower, data, plan, config) if tower is not None else (None, [])
+    if tower is not None and text_png is None:
+        notes.append("no text-query figure: none of the report images has a class name.")
     return rep.ModelSection(model.name, model.spec.describe(), dict(run.metrics), info,
-                            rep.lineage_rows(model.manifest), pca, sim, curves, notes)
+                            rep.lineage_rows(model.manifest), pca, sim, curves, notes, text_png, queries)
 
 
 # --------------------------------------------------------------------------- all models

@@ -165,6 +165,7 @@ class EvalData:
     masks: np.ndarray | None  # uint8 [N, H, W] (0 background, class c -> c + 1) or None
     classes: list[str]
     keys: list[str]
+    captions: list[str | None]  # the samples' caption text (None when a sample has none)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -192,11 +193,13 @@ def load_eval_data(dataset_dir: Path | str, max_images: int | None = None,
     info = open_dataset(dataset_dir)
     classes = [str(c) for c in (info.classes or [])]
     pil_images, labels, masks, keys = [], [], [], []
+    captions: list[str | None] = []
     for sample in iter_samples(dataset_dir, split="eval", decode=True):
         pil_images.append(sample["image"].convert("RGB"))
         labels.append(int(sample.get("label", -1) if sample.get("label") is not None else -1))
         masks.append(sample.get("mask"))
         keys.append(str(sample["key"]))
+        captions.append(sample.get("caption"))
         if max_images is not None and len(keys) >= max_images:
             break
     if not keys:
@@ -225,7 +228,7 @@ def load_eval_data(dataset_dir: Path | str, max_images: int | None = None,
     elif any(m is not None for m in masks):
         notes.append(f"only {sum(m is not None for m in masks)} of {len(masks)} eval images have masks; "
                      "the segmentation probe needs all of them")
-    return EvalData(images, np.asarray(labels, dtype=np.int64), mask_array, classes, keys, notes)
+    return EvalData(images, np.asarray(labels, dtype=np.int64), mask_array, classes, keys, captions, notes)
 
 
 # --------------------------------------------------------------------------- probe splits

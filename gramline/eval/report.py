@@ -2,8 +2,9 @@
 
 Contents: a comparison table (metric by metric, best in bold), DINOv3-style PCA feature maps (the
 first 3 principal components of the patch features of a fixed set of images, as RGB), a cosine
-similarity map for one query patch, training curves from each model's `metrics.jsonl`, and each
-model's lineage from its manifest. Figures are PNG bytes so the stage can also write them as files.
+similarity map for one query patch, for a model with a text tower the map a text query lights up,
+training curves from each model's `metrics.jsonl`, and each model's lineage from its manifest.
+Figures are PNG bytes so the stage can also write them as files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 # --------------------------------------------------------------------------- metrics
@@ -35,19 +36,26 @@ _FIXED_METRICS: dict[str, tuple[str, bool]] = {
     "gram_corr": ("Gram correlation to reference", True),
     "gram_mse": ("Gram MSE to reference (lower is better)", False),
     "zeroshot_top1": ("Zero-shot top-1", True),
+    "zeroshot_seg_miou": ("Zero-shot segmentation mIoU", True),
+    "zeroshot_seg_pixel_acc": ("Zero-shot segmentation pixel acc.", True),
 }
-_PERCENT = ("knn_", "linear_top1", "seg_", "corr_", "zeroshot_")
+_PERCENT = ("knn_", "linear_top1", "seg_", "corr_", "zeroshot_", "retrieval_")
+_RETRIEVAL = re.compile(r"retrieval_(i2t|t2i)_r(\d+)")
+_DIRECTION = {"i2t": "Image→text", "t2i": "Text→image"}
 
 
 def metric_label(key: str) -> str:
     match = re.fullmatch(r"knn_top1_k(\d+)", key)
     if match:
         return f"k-NN top-1 (k={match.group(1)})"
+    match = _RETRIEVAL.fullmatch(key)
+    if match:
+        return f"{_DIRECTION[match.group(1)]} recall@{match.group(2)}"
     return _FIXED_METRICS.get(key, (key, True))[0]
 
 
 def higher_is_better(key: str) -> bool:
-    return key.startswith("knn_") or _FIXED_METRICS.get(key, (key, True))[1]
+    return key.startswith(("knn_", "retrieval_")) or _FIXED_METRICS.get(key, (key, True))[1]
 
 
 def format_value(key: str, value: float | None) -> str:
@@ -59,12 +67,15 @@ def format_value(key: str, value: float | None) -> str:
 
 
 def metric_order(keys: Sequence[str]) -> list[str]:
-    def rank(key: str) -> tuple[int, int, str]:
+    def rank(key: str) -> tuple[int, int, int, str]:
         match = re.fullmatch(r"knn_top1_k(\d+)", key)
         if match:
-            return (0, int(match.group(1)), key)
+            return (0, 0, int(match.group(1)), key)
+        match = _RETRIEVAL.fullmatch(key)
+        if match:
+            return (2, list(_DIRECTION).index(match.group(1)), int(match.group(2)), key)
         fixed = list(_FIXED_METRICS)
-        return (1, fixed.index(key) if key in fixed else len(fixed), key)
+        return (1, 0, fixed.index(key), key) if key in fixed else (3, 0, 0, key)
 
     return sorted(set(keys), key=rank)
 
@@ -123,26 +134,58 @@ def _tile(array: np.ndarray, tile: int) -> Image.Image:
     return Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST)
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` pixels wide (a long word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+_LINE = 14  # pixel height of a label line (11 px text)
+
+
 def feature_figure(images: Tensor, rows: Sequence[np.ndarray], tile: int = 96, gap: int = 4,
-                   query: tuple[int, int, int, int] | None = None) -> bytes:
+                   query: tuple[int, int, int, int] | None = None,
+                   labels: Sequence[str] | None = None) -> bytes:
     """A grid PNG: the images on top, then one row per map ([n,h,w,3] uint8 each).
 
-    `query` = (image, row, col, grid side) draws a red square on that patch of the image row.
+    `query` = (image, row, col, grid side) draws a red square on that patch of the image row;
+    `labels` (one per image) are written, word-wrapped, under each column.
     """
     n = images.shape[0]
-    canvas = Image.new("RGB", (n * tile + (n - 1) * gap, (1 + len(rows)) * tile + len(rows) * gap), "white")
+    font = ImageFont.load_default(size=11) if labels else None  # bundled (a bitmap font without FreeType)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(measure, label, tile, font) for label in labels] if labels else []
+    text_height = (gap + _LINE * max(len(w) for w in wrapped)) if wrapped else 0
+    height = (1 + len(rows)) * tile + len(rows) * gap + text_height
+    canvas = Image.new("RGB", (n * tile + (n - 1) * gap, height), "white")
+    draw = ImageDraw.Draw(canvas)
     for i in range(n):
         x = i * (tile + gap)
         canvas.paste(Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((tile, tile), Image.Resampling.BICUBIC), (x, 0))
         for r, maps in enumerate(rows, start=1):
             canvas.paste(_tile(maps[i], tile), (x, r * (tile + gap)))
+        for line_no, line in enumerate(wrapped[i] if wrapped else []):
+            draw.text((x, (1 + len(rows)) * (tile + gap) + line_no * _LINE), line, fill=(0, 0, 0), font=font)
     if query is not None:
         image, row, col, grid = query
         cell = tile / grid
         x0 = image * (tile + gap) + col * cell
-        ImageDraw.Draw(canvas).rectangle([x0, row * cell, x0 + cell - 1, (row + 1) * cell - 1], outline=(255, 0, 0),
-                                         width=2)
+        draw.rectangle([x0, row * cell, x0 + cell - 1, (row + 1) * cell - 1], outline=(255, 0, 0), width=2)
     return png_bytes(canvas)
+
+
+def text_query_figure(images: Tensor, maps: np.ndarray, queries: Sequence[str], tile: int = 96) -> bytes:
+    """The images, the patch-text cosine similarity map [n,h,w] of each one's query (each map scaled
+    to its own min..max: patch-text similarities span a narrow range), and the queries as labels."""
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    hi = maps.max(axis=(1, 2), keepdims=True)
+    scaled = (maps - lo) / np.maximum(hi - lo, 1e-8)
+    return feature_figure(images, [colormap(scaled, 0.0, 1.0)], tile, labels=queries)
 
 
 def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -220,6 +263,8 @@ class ModelSection:
     sim_png: bytes | None = None
     curves_png: bytes | None = None
     notes: list[str] = field(default_factory=list)
+    text_png: bytes | None = None  # text-query similarity maps (models with a text tower)
+    text_queries: list[str] = field(default_factory=list)  # their queries, left to right
 
 
 @dataclass
@@ -318,6 +363,13 @@ def render_html(report: Report) -> str:
                        "patch; brighter = more similar (viridis, -1..1).</small></p>")
             out.append(f"<img class='sim' data-model='{esc(m.name)}' alt='similarity map of {esc(m.name)}' "
                        f"src='{_data_uri(m.sim_png)}'>")
+        if m.text_png:
+            queries = "; ".join(f"“{q}”" for q in m.text_queries)
+            out.append("<h3>Text queries</h3><p><small>Cosine similarity of each patch embedding to the "
+                       "text query written under the image (viridis, each map scaled to its own min..max). "
+                       f"Queries, left to right: {esc(queries)}.</small></p>")
+            out.append(f"<img class='text' data-model='{esc(m.name)}' alt='text query maps of {esc(m.name)}: "
+                       f"{esc(queries)}' src='{_data_uri(m.text_png)}'>")
         if m.curves_png:
             out.append("<h3>Training curves</h3>")
             out.append(f"<img class='curves' data-model='{esc(m.name)}' alt='training curves of {esc(m.name)}' "
@@ -362,10 +414,18 @@ def render_markdown(report: Report, image_dir: str | None = "images") -> str:
             lines.append(f"> **Note:** {note}")
         if image_dir:
             stem = safe_name(m.name)
-            for png, kind, title in ((m.pca_png, "pca", "PCA feature maps"), (m.sim_png, "sim", "query-patch similarity"),
+            for png, kind, title in ((m.pca_png, "pca", "PCA feature maps"),
+                                     (m.sim_png, "sim", "query-patch similarity"),
+                                     (m.text_png, "text", "text-query similarity"),
                                      (m.curves_png, "curves", "training curves")):
                 if png:
                     lines.append(f"![{title} of {m.name}]({image_dir}/{kind}_{stem}.png)")
+                    if kind == "text":
+                        lines.append("")
+                        queries = "; ".join(f"“{q}”" for q in m.text_queries)
+                        lines.append(f"Text queries, left to right: {queries} (patch-text cosine similarity, "
+                                     "each map scaled to its own min..max).")
+                        lines.append("")
         if m.lineage:
             cols = list(dict.fromkeys(k for r in m.lineage for k in r))
             lines += ["", "Lineage:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -379,7 +439,8 @@ def figure_files(report: Report) -> dict[str, bytes]:
     files = {}
     for m in report.models:
         stem = safe_name(m.name)
-        for png, kind in ((m.pca_png, "pca"), (m.sim_png, "sim"), (m.curves_png, "curves")):
+        for png, kind in ((m.pca_png, "pca"), (m.sim_png, "sim"), (m.text_png, "text"),
+                          (m.curves_png, "curves")):
             if png:
                 files[f"{kind}_{stem}.png"] = png
     return files
