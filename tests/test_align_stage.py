@@ -229,3 +229,19 @@ def test_write_synthetic_dataset_indexes_captions(tmp_path: Path) -> None:
     write_synthetic_dataset(tmp_path / "ds", n_train=4, n_eval=2, size=32)
     index = pq.read_table(tmp_path / "ds" / "index.parquet")
     assert all(c and c.endswith("background") for c in index.column("caption").to_pylist())
+
+
+def test_a_distill_output_stands_for_its_largest_student_or_the_named_one(tmp_path: Path) -> None:
+    from gramline.artifacts import build_manifest, write_manifest
+    from gramline.errors import InputError
+
+    out = tmp_path / "distill"
+    for name, size in (("small", 10), ("big", 100)):
+        (out / "students" / name).mkdir(parents=True)
+        (out / "students" / name / "backbone.safetensors").write_bytes(b"x" * size)
+    write_manifest(out, build_manifest("Model", "distill", config={}, inputs=[], counts={}, metrics={},
+                                       students={"small": "students/small", "big": "students/big"}))
+    assert align.backbone_dir(out, None) == out / "students" / "big"
+    assert align.backbone_dir(out, "small") == out / "students" / "small"
+    with pytest.raises(InputError, match="align.student"):
+        align.backbone_dir(out, "medium")

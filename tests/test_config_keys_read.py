@@ -1,6 +1,7 @@
 """Every config key of every stage is read by the code that runs the stage, not only by its validators.
 
-The tiny DAG runs in this process (curate → pretrain → anchor → gram → highres → distill → benchmark) while
+The tiny DAG runs in this process (curate → pretrain → anchor → gram → highres → distill → align →
+benchmark) while
 attribute reads of config sections are recorded; reads inside config validation do not count. A
 key that nothing reads fails the test (a key that does nothing is a promise the code does not keep).
 """
@@ -19,6 +20,7 @@ from gramline.config import Strict
 from gramline.curate.config import CurateConfig
 from gramline.eval.anchor import AnchorConfig
 from gramline.eval.benchmark import BenchmarkConfig
+from gramline.train.recipes.align.config import AlignConfig
 from gramline.train.recipes.dino.config import DinoConfig, GramStageConfig, HighresStageConfig
 from gramline.train.recipes.distill.config import DistillConfig
 
@@ -26,8 +28,6 @@ from gramline.train.recipes.distill.config import DistillConfig
 NOT_ON_THE_TINY_PATH = {
     **{("EmbedConfig", key): "curate/embed.py build_embedder, for embed.backbone=timm:<name> or model:<dir>"
        for key in ("weights", "pretrained", "kwargs", "img_size", "batch_size", "threads")},
-    ("BenchmarkConfig", "zeroshot"): "eval/benchmark.py, zero-shot for a model with a text tower",
-    ("ZeroShotSettings", "templates"): "eval/benchmark.py, zero-shot for a model with a text tower",
 }
 # Keys whose whole job is to derive another key when the config is resolved.
 DERIVING = {
@@ -94,7 +94,7 @@ def sets(*overrides: str) -> list[str]:
 def test_every_config_key_is_read_by_the_stage_that_has_it(tmp_path: Path) -> None:
     from phase_run import one_thread
 
-    from gramline.stages import anchor, benchmark, curate, distill, gram, highres, pretrain
+    from gramline.stages import align, anchor, benchmark, curate, distill, gram, highres, pretrain
 
     data, runs = tmp_path / "data", tmp_path
     short = sets("train.steps=4", "train.batch_size=8", "train.checkpoint_every=2", "train.teacher_checkpoint_every=2",
@@ -112,12 +112,16 @@ def test_every_config_key_is_read_by_the_stage_that_has_it(tmp_path: Path) -> No
                              str(runs / "highres"), *short]) == 0
         assert distill.main(["--teacher", str(runs / "highres"), "--dataset", str(data), "--out-model",
                              str(runs / "distill"), *sets("train.steps=2", "train.batch_size=8")]) == 0
+        assert align.main(["--model", str(runs / "distill"), "--dataset", str(data), "--out-model", str(runs / "align"),
+                           *sets("train.steps=2", "train.batch_size=8", "images.augment=true")]) == 0
         assert benchmark.main(["--model", f"highres={runs / 'highres'}", "--model", "random=random:tiny",
+                               "--model", f"align={runs / 'align'}",
                                "--eval-dataset", str(data), "--out-metrics", str(runs / "metrics"),
                                "--out-report", str(runs / "report"),
                                *sets("linear.epochs=2", "seg.steps=2", "dense.images=4", "report.images=2")]) == 0
     expected = set()
-    roots = (CurateConfig, DinoConfig, AnchorConfig, GramStageConfig, HighresStageConfig, DistillConfig, BenchmarkConfig)
+    roots = (CurateConfig, DinoConfig, AnchorConfig, GramStageConfig, HighresStageConfig, DistillConfig, AlignConfig,
+             BenchmarkConfig)
     for root in roots:
         expected |= leaf_keys(root)
     labels = {(root.__name__, "preset") for root in roots}

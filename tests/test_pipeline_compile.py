@@ -33,15 +33,18 @@ EDGES = {
     ("highres", "dataset"): ("curate", "dataset"),
     ("distill", "teacher"): ("highres", "model"),
     ("distill", "dataset"): ("curate", "dataset"),
+    ("align", "backbone"): ("distill", "model"),
+    ("align", "dataset"): ("curate", "dataset"),
     ("benchmark", "eval_dataset"): ("curate", "dataset"),
     ("benchmark", "pretrain"): ("pretrain", "model"),
     ("benchmark", "anchor"): ("anchor", "model"),
     ("benchmark", "gram"): ("gram", "model"),
     ("benchmark", "highres"): ("highres", "model"),
     ("benchmark", "distill"): ("distill", "model"),
+    ("benchmark", "align"): ("align", "model"),
 }
-STAGES = ["curate", "pretrain", "anchor", "gram", "highres", "distill", "benchmark"]
-TRAINING = ["pretrain", "gram", "highres", "distill"]
+STAGES = ["curate", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark"]
+TRAINING = ["pretrain", "gram", "highres", "distill", "align"]
 
 
 def compile_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -101,7 +104,8 @@ def test_artifact_placeholders_follow_the_dag_edges(compiled: tuple[dict, dict])
     assert _flag(args["gram"], "--anchor") == "{{$.inputs.artifacts['anchor'].path}}"
     assert _flag(args["highres"], "--model") == "{{$.inputs.artifacts['anchored'].path}}"
     assert _flag(args["distill"], "--teacher") == "{{$.inputs.artifacts['teacher'].path}}"
-    for stage in ("pretrain", "anchor", "gram", "highres", "distill"):
+    assert _flag(args["align"], "--model") == "{{$.inputs.artifacts['backbone'].path}}"
+    for stage in ("pretrain", "anchor", "gram", "highres", "distill", "align"):
         assert _flag(args[stage], "--out-model") == out_model
         assert _flag(args[stage], "--output-uri") == '{"Concat": ["model=", "{{$.outputs.artifacts[\'model\'].uri}}"]}'
         assert _flag(args[stage], "--overrides") == "{{$.inputs.parameters['overrides']}}"
@@ -109,7 +113,7 @@ def test_artifact_placeholders_follow_the_dag_edges(compiled: tuple[dict, dict])
     models = [bench[i + 1] for i, a in enumerate(bench) if a == "--model"]
     assert models == [
         *[f'{{"Concat": ["{m}=", "{{{{$.inputs.artifacts[\'{m}\'].path}}}}"]}}' for m in ("pretrain", "anchor", "gram", "highres",
-                                                                                      "distill")],
+                                                                                      "distill", "align")],
         '{"Concat": ["random=random:", "{{$.inputs.parameters[\'preset\']}}"]}',
         "timm=timm:vit_large_patch16_dinov3.lvd1689m",
     ]

@@ -113,8 +113,16 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]
             args=["--teacher", teacher.path, "--dataset", dataset.path, "--out-model", model.path,
                   *common_args(preset, overrides, {"model": model})])
 
+    @dsl.container_component
+    def align(backbone: Input[Model], dataset: Input[Dataset], preset: str, overrides: dict, model: Output[Model]):
+        """Align a text tower to the frozen backbone (LiT / dino.txt): a captioned dataset, contrastive loss."""
+        return dsl.ContainerSpec(
+            image=image, command=stage_command("align"),
+            args=["--model", backbone.path, "--dataset", dataset.path, "--out-model", model.path,
+                  *common_args(preset, overrides, {"model": model})])
+
     return {"curate": curate, "pretrain": pretrain, "anchor": anchor, "gram": gram, "highres": highres,
-            "distill": distill}
+            "distill": distill, "align": align}
 
 
 def benchmark_component(model_names: Sequence[str], image: str = DEFAULT_IMAGE,

@@ -1,8 +1,8 @@
 """The gramline DAG as a KFP pipeline, built from a table of stages and their edges.
 
-    curate ─► pretrain ─► anchor ─► gram ─► highres ─► distill ─► benchmark
-       │          └──────────────────┘                               ▲
-       └── dataset to every stage; every Model (each student) ───────┘ (+ random-init, optional timm baseline)
+    curate ─► pretrain ─► anchor ─► gram ─► highres ─► distill ─► align ─► benchmark
+       │          └──────────────────┘                                        ▲
+       └── dataset to every stage; every Model (each student, the aligned) ───┘ (+ random-init, optional timm)
 
 Adding a stage = its component in `components.py` + one `Stage` row here (its edges). A stage whose
 module is not in this build (`gramline.stages.<name>`), or whose upstream is missing, is left out.
@@ -54,6 +54,8 @@ STAGES: tuple[Stage, ...] = (
           produces_model=True),
     Stage("highres", {"anchored": "gram.model", "dataset": "curate.dataset"}, produces_model=True),
     Stage("distill", {"teacher": "highres.model", "dataset": "curate.dataset"}, produces_model=True),
+    # the distill output stands for its largest student (the stage's align.student picks another)
+    Stage("align", {"backbone": "distill.model", "dataset": "curate.dataset"}, produces_model=True),
 )
 BENCHMARK = Stage("benchmark", {"eval_dataset": "curate.dataset"})
 

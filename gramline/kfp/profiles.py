@@ -9,7 +9,7 @@ S3 credentials from a Secret, an optional PVC, node selector, tolerations, retri
 timeouts and caching. The stages' recipe presets (gramline/presets.py) are another thing: a
 profile names one as the default of the `preset` parameter.
 
-Caching: training stages (pretrain, gram, highres, distill) never come from the cache, nor does curate (its
+Caching: training stages (pretrain, gram, highres, distill, align) never come from the cache, nor does curate (its
 source URI can name a bucket whose content changed). anchor and benchmark are pure functions of
 their input artifacts and parameters, so KFP's cache key (which includes them) is safe.
 """
@@ -85,11 +85,12 @@ TINY = DeploymentProfile(
         "highres": {"train.steps": 4, "train.batch_size": 8, "train.checkpoint_every": 2,
                     "train.teacher_checkpoint_every": 2, "train.log_every": 2},
         "distill": {"train.steps": 4, "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 2},
+        "align": {"train.steps": 8, "train.batch_size": 16, "train.checkpoint_every": 4, "train.log_every": 2},
         "benchmark": {"linear.epochs": 10, "seg.steps": 20, "dense.images": 8, "report.images": 3},
     },
     tasks={stage: TaskSettings(cpu="2", memory="4Gi", shm="1Gi", timeout_s=3600,
                                cache=stage in ("anchor", "benchmark"))
-           for stage in ("curate", "pretrain", "anchor", "gram", "highres", "distill", "benchmark")},
+           for stage in ("curate", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark")},
     s3_secret=None,  # no retries either: a failing local stage should stop the run at once
 )
 
@@ -105,7 +106,7 @@ def _gpu_profile(name: str, description: str, gpus: int, product: str, memory: s
         preset=name,
         curate_preset="large",
         overrides={stage: {} for stage in ("curate", "pretrain", "anchor", "gram", "highres", "distill",
-                                           "benchmark")},
+                                           "align", "benchmark")},
         tasks={
             "curate": TaskSettings(cpu="16", memory="64Gi", gpus=1, gpu_product=product, shm="16Gi",
                                    timeout_s=2 * _DAY, retries=2),
@@ -115,6 +116,7 @@ def _gpu_profile(name: str, description: str, gpus: int, product: str, memory: s
             "gram": train,
             "highres": train,
             "distill": train,
+            "align": train,
             "benchmark": TaskSettings(cpu="8", memory="64Gi", gpus=1, gpu_product=product, shm="8Gi",
                                       timeout_s=_DAY, retries=2, cache=True),
         },
