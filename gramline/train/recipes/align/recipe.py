@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gramline.artifacts import build_manifest, write_manifest
@@ -102,7 +103,8 @@ class AlignRecipe:
         with rt.section("losses"):
             loss = contrastive_loss(image, text, self.alignment.logit_scale)
             with torch.no_grad():
-                top1 = (image @ text.T).argmax(dim=1).eq(torch.arange(len(image), device=image.device)).float().mean()
+                cosine = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+                top1 = cosine.argmax(dim=1).eq(torch.arange(len(image), device=image.device)).float().mean()
             logged = distributed.all_reduce_mean(torch.stack([loss.detach(), top1]))  # one NaN decision everywhere
         total = float(logged[0])
         if math.isfinite(total):
