@@ -47,6 +47,15 @@ class TrainConfig(Strict):
         return self
 
 
+def check_ddp_without_teacher_checkpoints(train: TrainConfig, stage: str, why_ddp: str) -> None:
+    """For a stage that trains with DDP only and has no EMA teacher to snapshot (distill, align)."""
+    if train.distributed == "fsdp":
+        raise ValueError(f"train.distributed=fsdp: the {stage} stage {why_ddp}; use auto or ddp")
+    if train.teacher_checkpoint_every:
+        raise ValueError(f"train.teacher_checkpoint_every={train.teacher_checkpoint_every}: the {stage} stage "
+                         "writes no periodic teacher checkpoints; set it to 0")
+
+
 class CropTrainingConfig(Strict):
     """What every multi-crop training stage has (the crop-batch source reads these sections); a
     recipe's config adds its model and loss sections and says which patch grid its masks use."""

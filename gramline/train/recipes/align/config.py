@@ -18,7 +18,7 @@ from pydantic import model_validator
 from gramline.config import Strict, load_stage_config
 from gramline.data.config import LoaderConfig
 from gramline.models.config import TextTowerConfig, VisionHeadConfig
-from gramline.train.config import TrainConfig
+from gramline.train.config import TrainConfig, check_ddp_without_teacher_checkpoints
 from gramline.train.schedules import Schedule
 
 
@@ -72,12 +72,8 @@ class AlignConfig(Strict):
             raise ValueError("head.blocks and text.layers must be >= 1")
         if self.text.context_length < 3:
             raise ValueError(f"text.context_length={self.text.context_length} must be >= 3 (start, a token, end)")
-        if self.train.distributed == "fsdp":
-            raise ValueError("train.distributed=fsdp: the align stage trains its towers with DDP (the backbone is "
-                             "frozen and replicated); use auto or ddp")
-        if self.train.teacher_checkpoint_every:
-            raise ValueError(f"train.teacher_checkpoint_every={self.train.teacher_checkpoint_every}: the align "
-                             "stage writes no periodic teacher checkpoints; set it to 0")
+        check_ddp_without_teacher_checkpoints(self.train, "align", "trains its towers with DDP (the backbone is "
+                                              "frozen and replicated)")
         return self
 
 

@@ -20,7 +20,7 @@ from gramline.errors import InputError
 from gramline.models.archs import ARCHS
 from gramline.models.config import HeadsConfig
 from gramline.presets import stage_preset
-from gramline.train.config import CropTrainingConfig, OptimConfig
+from gramline.train.config import CropTrainingConfig, OptimConfig, check_ddp_without_teacher_checkpoints
 from gramline.train.schedules import Schedule
 
 
@@ -80,12 +80,8 @@ class DistillConfig(CropTrainingConfig):
                              "per teacher patch, so every student needs the teacher's patch size")
         if crops.gram_size is not None:
             raise ValueError("crops.gram_size is set, but distillation has no Gram term; leave it null")
-        if self.train.distributed == "fsdp":
-            raise ValueError("train.distributed=fsdp: the distill stage trains each student with DDP over its own "
-                             "ranks; use auto or ddp")
-        if self.train.teacher_checkpoint_every:
-            raise ValueError(f"train.teacher_checkpoint_every={self.train.teacher_checkpoint_every}: the distill "
-                             "stage's teacher is fixed and writes no periodic teacher checkpoints; set it to 0")
+        check_ddp_without_teacher_checkpoints(self.train, "distill", "trains each student with DDP over its own "
+                                              "ranks")
         return self
 
 
