@@ -21,6 +21,7 @@ from gramline.losses.contrastive import contrastive_loss
 from gramline.models.text import Tokenizer, load_aligned
 from gramline.stages import align
 from gramline.train.recipes.align.data import shuffled_captions
+from gramline.train.recipes.align.inputs import backbone_dir
 
 SHORT = ["train.steps=6", "train.batch_size=8", "train.checkpoint_every=3", "train.log_every=1",
          "text.width=32", "text.layers=1", "text.heads=2", "text.context_length=24"]
@@ -241,7 +242,7 @@ def test_a_distill_output_stands_for_its_largest_student_or_the_named_one(tmp_pa
         (out / "students" / name / "backbone.safetensors").write_bytes(b"x" * size)
     write_manifest(out, build_manifest("Model", "distill", config={}, inputs=[], counts={}, metrics={},
                                        students={"small": "students/small", "big": "students/big"}))
-    assert align.backbone_dir(out, None) == out / "students" / "big"
-    assert align.backbone_dir(out, "small") == out / "students" / "small"
+    assert backbone_dir(out, None) == out / "students" / "big"
+    assert backbone_dir(out, "small") == out / "students" / "small"
     with pytest.raises(InputError, match="align.student"):
-        align.backbone_dir(out, "medium")
+        backbone_dir(out, "medium")

@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gramline.artifacts import lineage_entry, read_manifest
+from gramline.artifacts import lineage_entry
 from gramline.data.reader import open_dataset
-from gramline.errors import InputError
-from gramline.models.io import BACKBONE_FILE, load_backbone
+from gramline.models.io import load_backbone
 from gramline.models.text import Tokenizer
 from gramline.stages.common import emit_executor_output, run_stage, stage_parser
 from gramline.train.recipes.align.config import load_align_config
@@ -33,25 +32,9 @@ from gramline.train.recipes.align.data import (
     read_captions,
     shuffled_captions,
 )
+from gramline.train.recipes.align.inputs import backbone_dir
 from gramline.train.recipes.align.recipe import AlignRecipe
 from gramline.train.run import StepHook, TrainingRun, run_training
-
-
-def backbone_dir(model: Path, student: str | None) -> Path:
-    """The Model directory to align: `model` itself, or one student of a distill output."""
-    students = read_manifest(model, "Model", "--model").get("students") or {}
-    if not students:
-        if student is not None:
-            raise InputError(f"config field 'align.student' ({student!r})", f"is set, but --model {model} is not a "
-                             "distill output with students", "null, or a distill output as --model")
-        return model
-    if student is None:  # the largest: the one with the most backbone bytes
-        student = max(students, key=lambda name: (model / students[name] / BACKBONE_FILE).stat().st_size
-                      if (model / students[name] / BACKBONE_FILE).is_file() else -1)
-    if student not in students:
-        raise InputError(f"config field 'align.student' ({student!r})", f"is not a student of --model {model}",
-                         "one of " + ", ".join(sorted(students)))
-    return model / students[student]
 
 
 def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -> int:
