@@ -2,7 +2,10 @@
 `dinov3/hub/backbones.py`).
 
 `micro`, `tiny` and `small` are the same Eva class as ViT-S/16 with small width, depth and patch, so
-CPU runs exercise the real code path (`micro` is the narrow student of the tiny distillation).
+CPU runs exercise the real code path (`micro` is the narrow student of the tiny distillation). The
+short names (`vits16`, ...) are the `_qkvb` classes a run from scratch uses; the public weights timm
+also ships for the classes without a query/value bias, registered under their timm names so that a
+run can start from them (`--init-from timm:vit_base_patch16_dinov3`).
 """
 
 from __future__ import annotations
@@ -44,4 +47,15 @@ ARCHS: dict[str, Arch] = {
     "vitl16": Arch("vit_large_patch16_dinov3_qkvb", 16, 1024, 24, 16),
     "vithp16": Arch("vit_huge_plus_patch16_dinov3_qkvb", 16, 1280, 32, 20),
     "vit7b16": Arch("vit_7b_patch16_dinov3", 16, 4096, 40, 32),
+    # the public classes without query/value bias, by their timm names
+    "vit_small_patch16_dinov3": Arch("vit_small_patch16_dinov3", 16, 384, 12, 6),
+    "vit_small_plus_patch16_dinov3": Arch("vit_small_plus_patch16_dinov3", 16, 384, 12, 6),
+    "vit_base_patch16_dinov3": Arch("vit_base_patch16_dinov3", 16, 768, 12, 12),
+    "vit_large_patch16_dinov3": Arch("vit_large_patch16_dinov3", 16, 1024, 24, 16),
+    "vit_huge_plus_patch16_dinov3": Arch("vit_huge_plus_patch16_dinov3", 16, 1280, 32, 20),
 }
+
+
+def archs_of_timm(name: str) -> list[str]:
+    """The registered architectures built from timm model `name` (several share one class)."""
+    return [key for key, arch in ARCHS.items() if arch.timm_name == name]

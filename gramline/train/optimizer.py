@@ -1,8 +1,9 @@
 """The optimizer part: AdamW over parameter groups whose LR and weight decay a recipe sets each step.
 
-Each group carries `lr_mult`, `wd_mult` and `is_last_layer` (gramline.train.param_groups); a step's
-`OptimizerValues` give the base LR and weight decay and the factor on the prototype layers (0 while
-they are frozen). Gradients are clipped per module (DINOv3 clips the backbone and each head
+Each group carries `lr_mult`, `wd_mult`, `is_last_layer` and possibly `is_backbone`
+(gramline.train.param_groups); a step's `OptimizerValues` give the base LR and weight decay, the
+factor on the prototype layers (0 while they are frozen) and on the backbone (0 while new heads warm
+up on a loaded backbone: AdamW with LR 0 leaves a parameter exactly as it is). Gradients are clipped per module (DINOv3 clips the backbone and each head
 separately). Its state dict is the full (unsharded) optimizer state, the same for DDP and FSDP2.
 """
 
@@ -21,6 +22,7 @@ class OptimizerValues:
     lr: float
     weight_decay: float
     last_layer_lr_factor: float = 1.0
+    backbone_lr_factor: float = 1.0
 
 
 class ScheduledAdamW:
@@ -38,6 +40,8 @@ class ScheduledAdamW:
     def set_values(self, values: OptimizerValues) -> None:
         for group in self.optimizer.param_groups:
             factor = values.last_layer_lr_factor if group["is_last_layer"] else 1.0
+            if group.get("is_backbone"):
+                factor *= values.backbone_lr_factor
             group["lr"] = values.lr * group["lr_mult"] * factor
             group["weight_decay"] = values.weight_decay * group["wd_mult"]
 

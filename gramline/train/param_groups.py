@@ -1,5 +1,6 @@
 """AdamW parameter groups (official `dinov3/train/param_groups.py`): layer-wise LR decay, patch-embed LR multiplier,
-weight-decay exclusions, and the prototype (`last_layer`) groups that can be frozen early on."""
+weight-decay exclusions, the prototype (`last_layer`) groups that can be frozen early on, and (for a
+run that warms up new heads on a loaded backbone) backbone groups kept apart from head groups."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class GroupKey:
     lr_mult: float
     wd_mult: float
     is_last_layer: bool
+    is_backbone: bool = False  # set only when the backbone is to be frozen on its own (head warm-up)
 
 
 def backbone_layer_id(name: str, depth: int) -> int:
@@ -38,24 +40,29 @@ def wd_multiplier(name: str) -> float:
 
 
 def build_param_groups(backbone: nn.Module, heads: dict[str, nn.Module], depth: int, layerwise_decay: float,
-                       patch_embed_lr_mult: float) -> list[dict]:
-    """Groups with `lr_mult`, `wd_mult` and `is_last_layer`; the optimizer part (gramline.train.optimizer) sets lr/wd per step."""
+                       patch_embed_lr_mult: float, separate_backbone: bool = False) -> list[dict]:
+    """Groups with `lr_mult`, `wd_mult`, `is_last_layer` and `is_backbone`; the optimizer part
+    (gramline.train.optimizer) sets lr/wd per step. `separate_backbone` never lets a backbone and a
+    head parameter share a group (so the backbone alone can get LR 0); without it the groups are the
+    recipe's, as checkpoints of earlier runs hold them."""
     grouped: dict[GroupKey, list] = {}
 
-    def add(name: str, param: nn.Parameter, lr_mult: float) -> None:
+    def add(name: str, param: nn.Parameter, lr_mult: float, in_backbone: bool) -> None:
         if not param.requires_grad:
             return
-        key = GroupKey(lr_mult, wd_multiplier(name), "last_layer" in name)
+        key = GroupKey(lr_mult, wd_multiplier(name), "last_layer" in name, in_backbone and separate_backbone)
         grouped.setdefault(key, []).append(param)
 
     for name, param in backbone.named_parameters():
-        add(name, param, lr_multiplier(name, depth, layerwise_decay, patch_embed_lr_mult))
+        add(name, param, lr_multiplier(name, depth, layerwise_decay, patch_embed_lr_mult), True)
     for head_name, head in heads.items():
         for name, param in head.named_parameters():
-            add(f"{head_name}.{name}", param, 1.0)
+            add(f"{head_name}.{name}", param, 1.0, False)
     return [
-        {"params": params, "lr_mult": key.lr_mult, "wd_mult": key.wd_mult, "is_last_layer": key.is_last_layer}
-        for key, params in sorted(grouped.items(), key=lambda kv: (kv[0].lr_mult, kv[0].wd_mult, kv[0].is_last_layer))
+        {"params": params, "lr_mult": key.lr_mult, "wd_mult": key.wd_mult, "is_last_layer": key.is_last_layer,
+         "is_backbone": key.is_backbone}
+        for key, params in sorted(grouped.items(),
+                                  key=lambda kv: (kv[0].lr_mult, kv[0].wd_mult, kv[0].is_last_layer, kv[0].is_backbone))
     ]
 
 

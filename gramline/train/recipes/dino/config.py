@@ -56,11 +56,20 @@ class GramConfig(Strict):
     resize_antialias: bool = False
 
 
+class InitConfig(Strict):
+    """A run that starts from existing weights (pretrain --init-from; the `adapt` presets)."""
+
+    # when the starting weights have no DINO/iBOT heads: the first steps train the new heads only
+    # (the backbone gets LR 0 and its EMA copy stays as loaded); ignored when the heads are loaded
+    head_warmup_steps: int = 0
+
+
 class DinoConfig(CropTrainingConfig):
     backbone: BackboneConfig = BackboneConfig()
     heads: HeadsConfig = HeadsConfig()
     loss: LossConfig = LossConfig()
     gram: GramConfig = GramConfig()
+    init: InitConfig = InitConfig()
 
     @property
     def patch_size(self) -> int:
@@ -80,6 +89,9 @@ class DinoConfig(CropTrainingConfig):
             raise ValueError(f"loss.koleo_group_size={self.loss.koleo_group_size} must be >= 2 (or null)")
         if self.gram.enabled and crops.gram_size is None:
             raise ValueError("gram.enabled needs crops.gram_size (the Gram teacher's crop size)")
+        if not 0 <= self.init.head_warmup_steps < self.train.steps:
+            raise ValueError(f"init.head_warmup_steps={self.init.head_warmup_steps} must be >= 0 and below "
+                             f"train.steps={self.train.steps}")
         return self
 
 
@@ -225,12 +237,27 @@ def load_pretrain_config(preset: str, config_file: Path | str | None = None,
     return load_stage_config(DinoConfig, "pretrain", preset, config_file, overrides)
 
 
+def load_adapt_config(preset: str, config_file: Path | str | None = None, overrides: Sequence[str] = (),
+                      arch: str | None = None, heads_loaded: bool = False) -> DinoConfig:
+    """pretrain --init-from: the `adapt` preset ← file ← overrides; then what the starting weights
+    decide: their architecture (`arch`), and no head warm-up when they bring their heads. Without the
+    Gram anchor (`gram.enabled=false`) no Gram-teacher crops are made."""
+    decided = [f"backbone.arch={arch}"] if arch else []
+    if heads_loaded:
+        decided.append("init.head_warmup_steps=0")
+    config = load_stage_config(DinoConfig, "adapt", preset, config_file, [*overrides, *decided])
+    if not config.gram.enabled and config.crops.gram_size is not None:
+        config = load_stage_config(DinoConfig, "adapt", preset, config_file, [*overrides, *decided, "crops.gram_size=null"])
+    return config
+
+
 def run_tree(run_config: Mapping[str, Any], flag: str) -> dict[str, Any]:
-    """The DINO part of a run's recorded config (a phase section of an earlier stage is dropped)."""
+    """The DINO part of a run's recorded config (an earlier stage's phase section and how that run
+    started are dropped: they describe that run, not the one continuing it)."""
     if not run_config:
         raise InputError(f"{flag} manifest.json", "records no training config",
                          "a Model artifact written by a gramline DINO stage (pretrain, gram, highres)")
-    tree = {k: copy.deepcopy(v) for k, v in run_config.items() if k != "phase"}
+    tree = {k: copy.deepcopy(v) for k, v in run_config.items() if k not in ("phase", "init")}
     try:
         return DinoConfig.model_validate(tree).model_dump(mode="json")
     except ValidationError as err:  # e.g. an anchor artifact, or a manifest of another version

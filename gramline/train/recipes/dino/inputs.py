@@ -1,6 +1,6 @@
-"""What the gram and highres stages read: Model artifacts (a Gram teacher backbone, a whole teacher
-with heads) and the run a stage continues. Every check names the flag and file at fault (InputError,
-exit 2).
+"""What the DINO stages read: Model artifacts (a Gram teacher backbone, a whole teacher with heads),
+the run a stage continues, and the weights a run starts from (pretrain --init-from). Every check
+names the flag and file at fault (InputError, exit 2).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from gramline.artifacts import read_manifest
 from gramline.errors import InputError
 from gramline.models.archs import ARCHS
 from gramline.models.backbone import Backbone
+from gramline.models.init_from import StartingWeights
 from gramline.models.io import BACKBONE_FILE, HEADS_FILE
 from gramline.train.checkpoint import STEP_DIR, latest_checkpoint, read_model_state
 from gramline.train.recipes.dino.config import DinoConfig
@@ -118,3 +119,37 @@ def check_run_state(run_dir: Path, config: DinoConfig, flag: str = "--model") ->
     saved = read_model_state(path, upgrade_first_layout, mmap=True)
     _check_shapes(saved["student"], reference, f"{flag} {run_dir} ({path.name})")
     return path
+
+
+# --------------------------------------------------------------------------- starting weights
+
+
+def starting_state(start: StartingWeights, config: DinoConfig, flag: str = "--init-from") -> dict[str, Tensor]:
+    """DinoModel weights from `start`: the backbone, and the mask token and heads when it has them
+    (they must be the configured heads' sizes); what it lacks keeps its fresh init."""
+    with torch.device("meta"):
+        reference = DinoModel(config.backbone, config.heads).state_dict()
+    state = {f"backbone.vit.{k}": v for k, v in start.backbone.items()}
+    if start.mask_token is not None:
+        state["backbone.mask_token"] = start.mask_token.reshape(reference["backbone.mask_token"].shape)
+    if start.heads is not None:
+        for head in ("dino", "ibot"):
+            key = f"{head}_head.last_layer.weight"
+            found, want = start.heads.get(key), reference[key]
+            if found is not None and tuple(found.shape) != tuple(want.shape):
+                raise InputError(f"{flag} {start.spec}", f"has a {head.upper() if head == 'ibot' else 'DINO'} head "
+                                 f"of {found.shape[0]} prototypes (bottleneck {found.shape[1]})",
+                                 f"heads.{head}_prototypes={want.shape[0]} and heads.{head}_bottleneck={want.shape[1]} "
+                                 f"as configured, or --set heads.{head}_prototypes={found.shape[0]} (and the "
+                                 "hidden/bottleneck sizes) to keep the checkpoint's heads")
+        state |= start.heads
+    _check_shapes(state, {k: v for k, v in reference.items() if k in state or k.startswith("backbone.vit.")},
+                  f"{flag} {start.spec}")
+    return state
+
+
+def starting_backbone(start: StartingWeights, config: DinoConfig) -> Backbone:
+    """The starting backbone, frozen: the Gram teacher of a run anchored to where it started."""
+    backbone = Backbone(config.backbone)
+    backbone.vit.load_state_dict(start.backbone, strict=True)
+    return backbone.eval().requires_grad_(False)

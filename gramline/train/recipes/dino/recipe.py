@@ -38,7 +38,7 @@ from gramline.train.recipes.dino.config import DinoConfig, GramStageConfig
 from gramline.train.recipes.dino.model import DinoModel, DinoOutput
 from gramline.train.recipes.dino.schedules import DinoSchedules, PhaseStart
 from gramline.train.runtime import Runtime
-from gramline.train.teachers import EmaTeacher, FrozenTeacher, ModulePart, full_state_dict
+from gramline.train.teachers import EmaTeacher, FrozenTeacher, ModulePart, full_state_dict, update_ema
 
 N_GLOBAL = 2
 LOSS_NAMES = ("dino_local", "dino_global", "ibot", "koleo", "gram")
@@ -95,8 +95,10 @@ def upgrade_first_layout(state: dict[str, Any]) -> dict[str, Any]:
 
 class DinoRecipe:
     """`gram_anchor`: the frozen Gram teacher's backbone (gram: the anchor; highres: the starting
-    teacher), refreshed from the EMA teacher's backbone after the phase steps `phase.refresh_at`
-    (gram); `init_student`: weights the student and its EMA teacher start from (highres)."""
+    teacher; pretrain from existing weights: the starting backbone), refreshed from the EMA teacher's
+    backbone after the phase steps `phase.refresh_at` (gram); `init_student`: weights the student and
+    its EMA teacher start from (highres: all of them; pretrain --init-from: the backbone, and the mask
+    token and heads when the source has them)."""
 
     loss_names = LOSS_NAMES
     upgrade = staticmethod(upgrade_first_layout)
@@ -109,7 +111,8 @@ class DinoRecipe:
         self.gram_from_ema = isinstance(config, GramStageConfig) and config.phase.ema_teacher
         if config.gram.enabled and gram_anchor is None and not self.gram_from_ema:
             raise InputError("config field 'gram.enabled'", f"is true, but the {stage} stage has no Gram teacher",
-                             "the gram stage (an anchor, or phase.ema_teacher) or the highres stage")
+                             "the gram stage (an anchor, or phase.ema_teacher), the highres stage, or pretrain "
+                             "with --init-from (anchored to the starting backbone)")
         self._gram_anchor = gram_anchor if config.gram.enabled else None
         self._refresh_at = frozenset(config.phase.refresh_at) if isinstance(config, GramStageConfig) else frozenset()
         self._init_student = init_student
@@ -125,7 +128,12 @@ class DinoRecipe:
         self.runtime = runtime
         self.student = DinoModel(cfg.backbone, cfg.heads).to(device)
         if self._init_student is not None:
-            self.student.load_state_dict(self._init_student)
+            # a starting backbone may come without mask token and heads (they keep their fresh init)
+            missing, unexpected = self.student.load_state_dict(self._init_student, strict=False)
+            loose = [k for k in missing if not k.startswith(("dino_head.", "ibot_head.", "backbone.mask_token"))]
+            if unexpected or loose:
+                raise RuntimeError(f"starting weights do not cover the backbone: missing {loose[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
             self._init_student = None
         self.teacher = EmaTeacher(self.student)
         self.gram_teacher = None
@@ -134,7 +142,8 @@ class DinoRecipe:
         self.global_batch = cfg.train.batch_size * runtime.env.world_size
         self.lr_scale = scaled_lr(1.0, cfg.optim.lr_scaling, self.global_batch)
         groups = build_param_groups(self.student.backbone, self.student.heads(), len(self.student.backbone.vit.blocks),
-                                    cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+                                    cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
+                                    separate_backbone=cfg.init.head_warmup_steps > 0)
         self.optimizer = ScheduledAdamW(self.student, groups, cfg.optim.betas, cfg.optim.clip_grad,
                                         {"backbone": self.student.backbone, **self.student.heads()}, device)
         self.forward_student = distributed.parallelize(self.student, runtime.env, cfg.train.distributed,
@@ -240,7 +249,13 @@ class DinoRecipe:
         return loss, logs
 
     def after_optimizer_step(self, step: int, values: StepValues) -> None:
-        self.teacher.update(self.student, values.scalars["momentum"])
+        momentum = values.scalars["momentum"]
+        if values.scalars.get("backbone_frozen"):  # head warm-up: the EMA backbone stays exactly as loaded
+            teacher_heads = self.teacher.model.heads()
+            for name, head in self.student.heads().items():
+                update_ema(teacher_heads[name], head, momentum)
+        else:
+            self.teacher.update(self.student, momentum)
         gram = self.gram_teacher
         if gram is not None and gram.maybe_refresh(step, self._ema_backbone_weights) and self.log \
                 and self.runtime.env.is_main:

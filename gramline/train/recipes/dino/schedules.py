@@ -44,6 +44,7 @@ class DinoSchedules:
     local_weight: Timeline
     gram_weight: Timeline | None  # None: the Gram term is off
     freeze_last_layer_steps: int
+    head_warmup_steps: int  # steps < this train the heads only (the backbone gets LR 0)
     last_step: int
 
     @classmethod
@@ -64,14 +65,19 @@ class DinoSchedules:
                 start, Schedule.ramp(local_now, p.local_weight, p.ramp_steps), p.steps)
             last = start + p.steps
         gram = timelines.pop("gram_weight")
-        return cls(**timelines, gram_weight=gram if config.gram.enabled else None, freeze_last_layer_steps=config.optim.freeze_last_layer_steps,
-                   last_step=last)
+        return cls(**timelines, gram_weight=gram if config.gram.enabled else None,
+                   freeze_last_layer_steps=config.optim.freeze_last_layer_steps,
+                   head_warmup_steps=config.init.head_warmup_steps, last_step=last)
 
     def at(self, step: int, lr_scale: float) -> StepValues:
         frozen = step < self.freeze_last_layer_steps
+        heads_only = step < self.head_warmup_steps
         optimizer = OptimizerValues(lr=self.lr.at(step) * lr_scale, weight_decay=self.weight_decay.at(step),
-                                    last_layer_lr_factor=0.0 if frozen else 1.0)
+                                    last_layer_lr_factor=0.0 if frozen else 1.0,
+                                    backbone_lr_factor=0.0 if heads_only else 1.0)
         scalars = {"momentum": self.momentum.at(step), "teacher_temp": self.teacher_temp.at(step),
                    "local_weight": self.local_weight.at(step),
                    "gram_weight": self.gram_weight.at(step) if self.gram_weight is not None else 0.0}
+        if self.head_warmup_steps:
+            scalars["backbone_frozen"] = 1.0 if heads_only else 0.0
         return StepValues({"optimizer": optimizer}, scalars)
