@@ -2,6 +2,8 @@
 
   gramline data synth --out DIR --n N --size S     procedural Dataset artifact (train + eval split)
   gramline data digits --out DIR                   scikit-learn's handwritten digits as a Dataset
+  gramline export --model DIR --to FORMAT --out P  a Model in another layout: transformers (directory P)
+                                                   or official (teacher_checkpoint.pth file P)
   gramline <stage> ...                             same as `python -m gramline.stages.<stage> ...`
 """
 
@@ -54,6 +56,27 @@ def _data_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _export_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gramline export",
+        description="Write a gramline Model artifact's backbone in a layout other tools load.",
+        epilog="--to transformers: OUT is a directory (config.json, model.safetensors, preprocessor_config.json) "
+               "for transformers.AutoModel.from_pretrained (DINOv3ViTModel). --to official: OUT is the checkpoint "
+               "file to write, e.g. DIR/teacher_checkpoint.pth, in the official DINOv3 layout "
+               "({'teacher': {backbone.*, dino_head.*, ibot_head.*}}; heads when the Model has heads.safetensors).",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="the Model artifact directory")
+    parser.add_argument("--to", required=True, choices=("transformers", "official"), help="the layout to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="a directory (transformers) or a .pth file path (official); replaced if present")
+    args = parser.parse_args(argv)
+    from gramline.models.formats import export_model
+
+    out = export_model(args.model, args.to, args.out)
+    print(f"{args.to} export of {args.model} written to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -63,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if command == "data":
             sys.exit(_data_main(rest))
+        if command == "export":
+            sys.exit(_export_main(rest))
         if command in STAGES:
             module = importlib.import_module(f"gramline.stages.{command}")
             module.main_cli(rest)
@@ -76,6 +101,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"gramline: '{command}' is not available in this build ({err.name} missing)", file=sys.stderr)
             sys.exit(BAD_INPUT_EXIT_CODE)
         raise
-    print(f"gramline: unknown command {command!r}; expected data, run, rerun or one of {', '.join(STAGES)}",
+    print(f"gramline: unknown command {command!r}; expected data, export, run, rerun or one of {', '.join(STAGES)}",
           file=sys.stderr)
     sys.exit(BAD_INPUT_EXIT_CODE)

@@ -142,7 +142,7 @@ def _timm_file_state(path: Path, candidates: list[str], prefer: str | None, wher
     from timm.models.eva import checkpoint_filter_fn
 
     raw = _read_tensors(path, where)
-    raw = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in raw.items()}
+    raw = {k.removeprefix("backbone."): v for k, v in raw.items()}
     ordered = list(dict.fromkeys([c for c in (prefer,) if c in candidates] + candidates))
     mapped = {arch: checkpoint_filter_fn(dict(raw), _meta_vit(arch)) for arch in ordered}
     return next((m for arch, m in mapped.items() if misfit(m, arch) is None), mapped[ordered[0]])
