@@ -8,16 +8,18 @@ import math
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from phase_run import TinyRun, one_thread, sets, stage_exit_code, tiny_run
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gramline.artifacts import read_manifest
 from gramline.data.synthetic import encode_png, write_synthetic_dataset
 from gramline.data.writer import DatasetWriter, ShardSample
 from gramline.losses.contrastive import contrastive_loss
+from gramline.models.archs import ARCHS
 from gramline.models.text import Tokenizer, load_aligned
 from gramline.stages import align
 from gramline.train.recipes.align.data import shuffled_captions
@@ -246,3 +248,57 @@ def test_a_distill_output_stands_for_its_largest_student_or_the_named_one(tmp_pa
     assert backbone_dir(out, "small") == out / "students" / "small"
     with pytest.raises(InputError, match="align.student"):
         backbone_dir(out, "medium")
+
+
+# --------------------------------------------------------------------------- --init-from
+
+
+def timm_weights(path: Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """A stand-in for public weights: a plain timm model of `arch` saved as safetensors."""
+    a = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = timm.create_model(a.timm_name, pretrained=False, **a.timm_kwargs(64))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("captioned") / "dataset"
+    write_synthetic_dataset(path, n_train=16, n_eval=4, size=64, seed=3)
+    return path
+
+
+def test_init_from_aligns_timm_weights_as_they_are(captioned: Path, tmp_path: Path) -> None:
+    weights = timm_weights(tmp_path / "public.safetensors")
+    spec = f"timm:vit_small_patch16_dinov3_qkvb@{weights}"
+    out = tmp_path / "aligned"
+    with one_thread():
+        assert align.main(["--init-from", spec, "--dataset", str(captioned), "--out-model", str(out),
+                           "--preset", "tiny", *sets([*SHORT, "train.steps=2", "images.size=64"])]) == 0
+    before, after = load_file(str(weights)), load_file(str(out / "backbone.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    manifest = read_manifest(out, "Model")
+    assert manifest["arch"] == "tiny" and manifest["timm"]["name"] == "vit_small_patch16_dinov3_qkvb"
+    assert manifest["init_from"]["spec"] == spec and [i["name"] for i in manifest["inputs"]] == ["dataset"]
+    assert manifest["text_tower"]["backbone"] == spec and manifest["text_tower"]["image_size"] == 64
+    model = load_aligned(out)
+    images = torch.randn(2, 3, 64, 64)
+    reference = timm.create_model("vit_small_patch16_dinov3_qkvb", pretrained=False, **manifest["timm"]["kwargs"])
+    reference.load_state_dict(before)
+    assert torch.equal(model.backbone_tokens(images), reference.eval().forward_features(images))
+    embed = 2 * int(model.backbone.embed_dim)
+    assert model.encode_image(images).shape == (2, embed) and model.encode_text(["a red circle"]).shape == (1, embed)
+
+
+def test_model_and_init_from_are_one_or_the_other(captioned: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    weights = timm_weights(tmp_path / "public.safetensors")
+    out = tmp_path / "out"
+    rest = ["--dataset", str(captioned), "--out-model", str(out), "--preset", "tiny", *sets(SHORT)]
+    both = ["--model", str(tmp_path), "--init-from", f"timm:vit_small_patch16_dinov3_qkvb@{weights}"]
+    for flags in (both, []):
+        assert stage_exit_code(align.main_cli, [*flags, *rest]) == 2
+        err = capsys.readouterr().err
+        assert "--model" in err and "--init-from" in err
+    assert not out.exists()

@@ -14,11 +14,12 @@ import pytest
 import timm
 import torch
 from phase_run import TinyRun, one_thread, sets, stage_exit_code, tiny_run
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.layers import PatchEmbed
 
 from gramline.artifacts import read_manifest
 from gramline.errors import InputError
+from gramline.models.archs import ARCHS
 from gramline.stages import anchor, distill
 from gramline.train.checkpoint import latest_checkpoint
 from gramline.train.recipes.distill.groups import assign_ranks
@@ -233,3 +234,39 @@ def test_a_student_can_start_from_a_model(run: TinyRun, tmp_path: Path, capsys: 
     assert stage_exit_code(distill.main_cli, argv(run, bad, [f"distill.students.micro.init={run.pretrain}"])) == 2
     err = capsys.readouterr().err
     assert "distill.students.micro.init" in err and "tiny" in err and not bad.exists()
+
+
+def timm_weights(path: Path, arch: str, seed: int = 0) -> Path:
+    """A stand-in for public weights: a plain timm model of `arch` saved as safetensors."""
+    a = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = timm.create_model(a.timm_name, pretrained=False, **a.timm_kwargs(64))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_student_can_start_from_timm_weights(run: TinyRun, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`distill.students.<name>.init=timm:<class>@<file>`: the tiny student starts as the file's
+    backbone (LR 0 at step 1); weights of another architecture exit 2 naming the field."""
+    tiny = timm_weights(tmp_path / "tiny.safetensors", "tiny")
+    expected = load_file(str(tiny))
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def check(recipe: DistillRecipe, step: int) -> None:
+        if step == 1:
+            seen.append(next(s for s in recipe.students if s.name == "tiny").model.backbone.vit.state_dict())
+
+    spec = f"timm:vit_small_patch16_dinov3_qkvb@{tiny}"
+    with one_thread():
+        assert distill.main(argv(run, tmp_path / "out", [*SHORT, "train.steps=1", f"distill.students.tiny.init={spec}"]),
+                            hooks=[check]) == 0
+    state = seen[0]
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+
+    micro = timm_weights(tmp_path / "micro.safetensors", "micro")
+    bad = tmp_path / "bad"
+    code = stage_exit_code(distill.main_cli, argv(run, bad, [
+        f"distill.students.tiny.init=timm:vit_small_patch16_dinov3_qkvb@{micro}"]))
+    err = capsys.readouterr().err
+    assert code == 2 and not bad.exists()
+    assert "distill.students.tiny.init" in err and str(micro) in err and "micro" in err and "student is tiny" in err

@@ -30,7 +30,9 @@ class StudentConfig(Strict):
     drop_path_rate: float = 0.0  # the official distillation uses none
     layerscale_init: float = 1e-5
     rope_rescale_coords: float | None = 2.0
-    init: str | None = None  # a Model artifact to start from (its backbone; its heads too when it has them)
+    # weights to start from: timm:<name>[@<file>], a Model directory or an official DINOv3 checkpoint (the
+    # backbone, of this arch; the mask token and heads too when it has them in this student's sizes)
+    init: str | None = None
     heads: HeadsConfig | None = None  # None: the teacher's head sizes (the prototype counts must be the teacher's)
     optim: OptimConfig | None = None  # None: the stage's `optim`
 

@@ -1,4 +1,4 @@
-"""What the distill stage reads: Models with heads (the teacher, exported students) and the Models
+"""What the distill stage reads: Models with heads (the teacher, exported students) and the weights
 students start from."""
 
 from __future__ import annotations
@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from gramline.errors import InputError
+from gramline.models.archs import ARCHS
 from gramline.models.config import BackboneConfig, HeadsConfig
-from gramline.models.io import BACKBONE_FILE, HEADS_FILE
+from gramline.models.init_from import load_starting_weights
 from gramline.train.recipes.dino.config import DinoConfig, run_tree
 from gramline.train.recipes.dino.inputs import (
     dino_state_from_model,
-    model_manifest,
     require_teacher_with_heads,
 )
 from gramline.train.recipes.dino.model import DinoModel
@@ -31,26 +30,27 @@ def load_dino_model(model_dir: Path, flag: str) -> tuple[DinoModel, DinoConfig]:
     return model.eval(), config
 
 
-def student_init(model_dir: Path, backbone: BackboneConfig, heads: HeadsConfig, flag: str) -> dict[str, Tensor]:
-    """Weights a student of this architecture starts from: the artifact's backbone, and its heads
-    when it has heads of the student's sizes."""
-    model_dir = Path(model_dir)
-    manifest = model_manifest(model_dir, flag)
-    if manifest.get("arch") not in (None, backbone.arch):
-        raise InputError(f"{flag} {model_dir}", f"holds a {manifest.get('arch')} backbone, the student is "
-                         f"{backbone.arch}", "a Model artifact of the student's architecture")
-    if not (model_dir / BACKBONE_FILE).is_file():
-        raise InputError(f"{flag} {model_dir}", f"has no {BACKBONE_FILE}", "a Model artifact with backbone weights")
-    state = {f"backbone.vit.{k}": v for k, v in load_file(str(model_dir / BACKBONE_FILE)).items()}
+def student_init(spec: str, backbone: BackboneConfig, heads: HeadsConfig, flag: str) -> dict[str, Tensor]:
+    """DinoModel weights a student of this architecture starts from: the backbone `spec` names
+    (gramline.models.init_from: timm:<name>[@<file>], a Model directory, an official checkpoint),
+    and its mask token and heads when it has them in the student's sizes."""
+    start = load_starting_weights(spec, prefer=backbone.arch, flag=flag)
+    if start.arch != backbone.arch:
+        raise InputError(f"{flag} {spec}", f"holds {start.arch} weights (embed_dim {ARCHS[start.arch].embed_dim}, "
+                         f"depth {ARCHS[start.arch].depth}), the student is {backbone.arch} (embed_dim "
+                         f"{ARCHS[backbone.arch].embed_dim}, depth {ARCHS[backbone.arch].depth})",
+                         f"weights of the student's architecture {backbone.arch}, or that student's arch set to "
+                         f"{start.arch}")
     with torch.device("meta"):
         reference = DinoModel(backbone, heads).state_dict()
-    if (model_dir / HEADS_FILE).is_file():
-        heads_state = {"backbone.mask_token" if k == "mask_token" else k: v
-                       for k, v in load_file(str(model_dir / HEADS_FILE)).items()}
-        if all(k in reference and reference[k].shape == v.shape for k, v in heads_state.items()):
-            state |= heads_state
+    state = {f"backbone.vit.{k}": v for k, v in start.backbone.items()}
     wrong = sorted(k for k, v in state.items() if k not in reference or reference[k].shape != v.shape)
     if wrong:
-        raise InputError(f"{flag} {model_dir}", f"does not fit the student ({wrong[:3]}{' ...' if len(wrong) > 3 else ''})",
+        raise InputError(f"{flag} {spec}", f"does not fit the student ({wrong[:3]}{' ...' if len(wrong) > 3 else ''})",
                          "weights of the student's architecture")
+    mask = reference["backbone.mask_token"]
+    if start.mask_token is not None and start.mask_token.numel() == mask.numel():
+        state["backbone.mask_token"] = start.mask_token.reshape(mask.shape)
+    if start.heads and all(k in reference and reference[k].shape == v.shape for k, v in start.heads.items()):
+        state |= start.heads
     return state

@@ -124,8 +124,8 @@ class DistillRecipe:
     def __init__(self, config: DistillConfig, teacher: DinoModel, heads: Mapping[str, HeadsConfig],
                  log: bool = True) -> None:
         """`teacher`: the frozen teacher with its heads; `heads`: each student's head sizes
-        (config.check_heads). A student with `init` starts from that Model's weights (read here, so
-        a bad one fails before anything is written)."""
+        (config.check_heads). A student with `init` starts from the weights it names (read here,
+        so a bad one fails before anything is written)."""
         self.config = config
         self.teacher = FrozenTeacher(teacher)
         self.log = log
@@ -134,7 +134,7 @@ class DistillRecipe:
             backbone = BackboneConfig(arch=spec.arch, img_size=spec.img_size or config.crops.global_size,
                                       drop_path_rate=spec.drop_path_rate, layerscale_init=spec.layerscale_init,
                                       rope_rescale_coords=spec.rope_rescale_coords)
-            init = (student_init(Path(spec.init), backbone, heads[name], f"distill.students.{name}.init")
+            init = (student_init(spec.init, backbone, heads[name], f"distill.students.{name}.init")
                     if spec.init else None)
             self.students.append(Student(name, backbone, heads[name], spec.optim or config.optim, init,
                                          RngState(seed_of(config.train.seed, i))))
