@@ -228,7 +228,7 @@ def test_bad_sources_exit_2_naming_the_file(world: tuple[Path, Path], tmp_path: 
         heads = {f"{n}.{k}": v for n, h in donor.heads().items() for k, v in h.state_dict().items()}
         bad = tmp_path / "teacher_checkpoint.pth"
         torch.save({"teacher": {**_official_layout(load_file(str(weights))), **heads}}, bad)
-        spec, needle = str(bad), "prototypes"
+        spec, needle = str(bad), f"{bad}: has a DINO head of {2 * config.heads.dino_prototypes} prototypes"
     else:  # a hub model by name with no network and an empty cache
         spec, needle = f"timm:{TIMM_NAME}", TIMM_NAME
         env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HUGGINGFACE_HUB_CACHE": str(tmp_path / "hf")}
