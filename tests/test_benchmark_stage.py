@@ -31,12 +31,12 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def make_model_dir(out: Path, dataset: Path, seed: int, with_backbone: bool = True) -> Path:
-    """A Model artifact in the documented layout, from a seeded tiny backbone, with a training log."""
+def make_model_dir(out: Path, dataset: Path, seed: int, with_backbone: bool = True, state: dict | None = None) -> Path:
+    """A Model artifact in the documented layout, from a seeded tiny backbone (or `state`), with a training log."""
     out.mkdir(parents=True)
     arch = ARCHS["tiny"]
     if with_backbone:
-        save_weights(out / BACKBONE_FILE, build_random_backbone("tiny", 64, seed=seed).state_dict())
+        save_weights(out / BACKBONE_FILE, state or build_random_backbone("tiny", 64, seed=seed).state_dict())
     rows = [{"step": s, "total": 10.0 - s / 10, "dino_global": 6.0 - s / 20, "lr": 1e-3} for s in range(0, 60, 10)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_manifest(out, build_manifest("Model", "pretrain", inputs=[lineage_entry("dataset", dataset)],
@@ -235,3 +235,97 @@ def test_benchmark_of_the_tiny_pretrain_and_random_init(tiny_pretrain_run: tuple
             assert 0.0 <= metrics[name][key] <= 1.0, (name, key, metrics[name])
     html = (tmp_path / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 2  # a PCA map per model at least
+
+
+# --------------------------------------------------------------------------- --start-model (pretrain --init-from)
+
+
+@pytest.fixture(scope="module")
+def start_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
+    """A tiny "public" backbone (random weights away from init), as an official DINOv3 checkpoint
+    and as a safetensors file for its timm class: (state dict, checkpoint, safetensors)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from gramline.models.formats import write_official_checkpoint
+
+    arch = ARCHS["tiny"]
+    vit = timm.create_model(arch.timm_name, pretrained=False, **arch.timm_kwargs(64))
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in vit.parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(noise * 0.1 if param.ndim > 1 else 0.5 + 0.3 * noise)
+    state = {k: v.detach().clone().contiguous() for k, v in vit.state_dict().items()}
+    root = tmp_path_factory.mktemp("start")
+    write_official_checkpoint(root / "teacher_checkpoint.pth", state, "tiny")
+    save_file(state, str(root / "tiny.safetensors"))
+    return state, root / "teacher_checkpoint.pth", root / "tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "small_eval"
+    write_synthetic_dataset(out, n_train=32, n_eval=16, size=32, seed=0)
+    return out
+
+
+TINY_START = ["--preset", "tiny", "--set", "max_images=16", "--set", "seg.steps=10", "--set", "linear.epochs=5",
+              "--set", "dense.images=8", "--set", "report.images=2"]
+
+
+def test_start_model_is_compared_and_is_the_gram_reference(tmp_path: Path, small_eval: Path,
+                                                           start_weights: tuple[dict, Path, Path]) -> None:
+    """--start-model CHECKPOINT adds the model `start` (loaded through the --init-from resolver) and makes
+    it the Gram reference: a Model with the very same backbone matches it exactly, a random init does not."""
+    state, checkpoint, _ = start_weights
+    same = make_model_dir(tmp_path / "same", small_eval, seed=0, state=state)
+    out = tmp_path / "out"
+    code = benchmark.main(["--model", f"same={same}", "--model", "rand=random:tiny", "--start-model", str(checkpoint),
+                           "--eval-dataset", str(small_eval), "--out-metrics", str(out / "m"),
+                           "--out-report", str(out / "r"), *TINY_START])
+    assert code == 0
+    metrics = json.loads((out / "m" / "metrics.json").read_text())
+    models = metrics["models"]
+    assert set(models) == {"same", "rand", "start"}
+    assert metrics["reference"] == "start" and metrics["config"]["dense"]["reference"] == "start"
+    assert "gram_corr" not in models["start"] and "gram_mse" not in models["start"]  # not compared with itself
+    assert models["same"]["gram_corr"] == pytest.approx(1.0, abs=1e-6)
+    assert models["same"]["gram_mse"] == pytest.approx(0.0, abs=1e-9)
+    assert models["rand"]["gram_corr"] < 0.99
+    assert "checkpoint" in metrics["details"]["start"]["spec"]
+    pca = [i["data-model"] for i in images_in((out / "r" / "report.html").read_text()) if i["class"] == "pca"]
+    assert sorted(pca) == ["rand", "same", "start"]
+
+
+def test_start_model_keeps_a_reference_the_config_names(tmp_path: Path, small_eval: Path,
+                                                        start_weights: tuple[dict, Path, Path]) -> None:
+    """With dense.reference set, `start` (here timm:<class>@<safetensors>) is one more compared model."""
+    state, _, weights = start_weights
+    same = make_model_dir(tmp_path / "same", small_eval, seed=0, state=state)
+    out = tmp_path / "out"
+    code = benchmark.main(["--model", f"same={same}", "--start-model", f"timm:{ARCHS['tiny'].timm_name}@{weights}",
+                           "--eval-dataset", str(small_eval), "--out-metrics", str(out / "m"),
+                           "--out-report", str(out / "r"), *TINY_START, "--set", "dense.reference=same"])
+    assert code == 0
+    metrics = json.loads((out / "m" / "metrics.json").read_text())
+    assert metrics["reference"] == "same" and "gram_corr" not in metrics["models"]["same"]
+    assert metrics["models"]["start"]["gram_corr"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_empty_start_model_adds_nothing_and_a_clashing_name_exits_2(tmp_path: Path, small_eval: Path,
+                                                                    start_weights: tuple[dict, Path, Path],
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    _, checkpoint, _ = start_weights
+    base = ["--eval-dataset", str(small_eval), "--out-metrics", str(tmp_path / "m"), "--out-report", str(tmp_path / "r")]
+    err = _fail(["--model", "start=random:tiny", "--start-model", str(checkpoint), *base], capsys)
+    assert "--model start=random:tiny" in err and "--start-model" in err
+    err = _fail(["--model", "a=random:tiny", "--start-model", str(tmp_path / "missing.pth"), *base], capsys)
+    assert "missing.pth" in err
+    assert not (tmp_path / "m").exists()
+    code = benchmark.main(["--model", "a=random:tiny", "--model", "b=random:micro", "--start-model", "", *base,
+                           *TINY_START])
+    assert code == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"a", "b"} and metrics["reference"] == "a"

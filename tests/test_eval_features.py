@@ -88,3 +88,51 @@ def test_eval_data_carries_the_captions(small_dataset: Path) -> None:
     assert data.captions == expected and len(data.captions) == data.n
     assert all(isinstance(c, str) and c for c in data.captions)
     assert load_eval_data(small_dataset, max_images=3).captions == expected[:3]
+
+
+def _public_tiny(seed: int) -> torch.nn.Module:
+    """A stand-in for a public DINOv3 backbone: the tiny arch's timm class, every weight random and
+    away from its init (LayerScale near 0.5), so a tensor loaded into the wrong place shows."""
+    from gramline.models.archs import ARCHS
+
+    arch = ARCHS["tiny"]
+    vit = timm.create_model(arch.timm_name, pretrained=False, **arch.timm_kwargs(64))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in vit.parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(noise * 0.1 if param.ndim > 1 else 0.5 + 0.3 * noise)
+    return vit.eval()
+
+
+def test_checkpoint_file_and_start_specs_load_the_starting_weights(tmp_path: Path) -> None:
+    """A FILE spec (official DINOv3 checkpoint) and a --start-model timm:<name>@<file> load through
+    the --init-from resolver into the same plain timm backbone; a --model timm:<name> stays timm's."""
+    from gramline.eval.features import starting_model_spec
+    from gramline.models.archs import ARCHS
+    from gramline.models.formats import write_official_checkpoint
+
+    source = _public_tiny(seed=7)
+    checkpoint = tmp_path / "teacher_checkpoint.pth"
+    write_official_checkpoint(checkpoint, source.state_dict(), "tiny")
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    timm_file = f"timm:{ARCHS['tiny'].timm_name}@{weights}"
+
+    from_file = parse_model_spec("ckpt", str(checkpoint))
+    assert from_file.kind == "weights" and "checkpoint" in from_file.describe()
+    start = starting_model_spec("start", timm_file)
+    assert start.kind == "weights"
+    assert parse_model_spec("t", timm_file).kind == "timm"  # --model keeps timm's own loader
+    assert starting_model_spec("start", str(tmp_path)).kind == "dir"  # a Model directory stays one
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = forward_tokens(source, preprocess(images, 64))
+    for spec in (from_file, start):
+        model = load_model(spec, random_img_size=64)
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.module.state_dict()[key], value), (spec, key)
+        assert (model.patch_size, model.embed_dim, model.native_size) == (8, 96, 64)
+        cls, patches = forward_tokens(model.module, preprocess(images, 64))
+        assert torch.equal(cls, expected[0]) and torch.equal(patches, expected[1])
+    with pytest.raises(InputError, match="names no timm model"):
+        starting_model_spec("start", "timm:@x")

@@ -113,7 +113,7 @@ def test_kfp_run_submit_sends_the_compiled_spec_and_parsed_parameters(api: Stand
     assert compiled.returncode == 0, compiled.stderr
     done = subprocess.run([*kfp_cli(), "--endpoint", api.url, "run", "submit", "-e", "gramline-ci", "-f", "gramline.yaml",
                            "preset=tiny", 'pretrain_overrides={"train.steps": 50, "optim.lr": {"peak": 0.001}}',
-                           "source=s3://bucket/raw/"],
+                           "source=s3://bucket/raw/", "init_from=timm:vit_base_patch16_dinov3"],
                           check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "'submit' is deprecated" in done.stderr  # kfp 2.x: an alias of `run create`
@@ -129,7 +129,7 @@ def test_kfp_run_submit_sends_the_compiled_spec_and_parsed_parameters(api: Stand
     assert run["display_name"] == "gramline-ci" and run["experiment_id"] == experiment_id
     assert run["runtime_config"]["parameters"] == {
         "preset": "tiny", "pretrain_overrides": {"train.steps": 50, "optim.lr": {"peak": 0.001}},
-        "source": "s3://bucket/raw/"}
+        "source": "s3://bucket/raw/", "init_from": "timm:vit_base_patch16_dinov3"}
     spec_doc, platform_doc = [d for d in yaml.safe_load_all((tmp_path / "gramline.yaml").read_text()) if d]
     assert run["pipeline_spec"]["pipeline_spec"] == spec_doc
     assert run["pipeline_spec"]["platform_spec"] == platform_doc

@@ -102,6 +102,28 @@ def test_resolve_command_fills_every_placeholder(tmp_path: Path, small_dataset: 
     assert flags["--preset"] == "tiny" and json.loads(flags["--overrides"]) == {"train.steps": 3}
 
 
+def test_init_from_param_reaches_the_pretrain_and_benchmark_commands(tmp_path: Path) -> None:
+    """`gramline run/rerun --param init_from=SPEC`: the compiled YAML, with kfp.local's placeholder
+    filling, gives pretrain `--init-from SPEC` and the benchmark `--start-model SPEC`; without it both get ''."""
+    from gramline.kfp.compiled import compile_in_memory
+
+    pipeline = compile_in_memory("tiny", "gramline:0.1.0")
+    spec = "timm:vit_small_patch16_dinov3@/weights/vits16.safetensors"
+    given = local_run._arguments(pipeline, [f"init_from={spec}"])
+    assert given == {"init_from": spec}
+    bench = pipeline.component("benchmark")
+    bench_in = {name: tmp_path / name for name in bench.input_definitions.artifacts}
+    bench_out = {name: tmp_path / "out" / name for name in bench.output_definitions.artifacts}
+    for arguments, expected in ((given, spec), ({}, "")):
+        pretrain = local_run.resolve_command(pipeline, "pretrain", {"dataset": tmp_path / "d"}, {"model": tmp_path / "m"},
+                                             arguments, tmp_path / "eo.json")
+        assert pretrain[pretrain.index("--init-from") + 1] == expected
+        command = local_run.resolve_command(pipeline, "benchmark", bench_in, bench_out, arguments, tmp_path / "eo.json")
+        assert command[:3] == ["python", "-m", "gramline.stages.benchmark"]
+        assert command[command.index("--start-model") + 1] == expected
+        assert not any("{{" in part for part in command)
+
+
 # --------------------------------------------------------------------------- one-line errors
 
 

@@ -128,7 +128,7 @@ def test_artifact_placeholders_follow_the_dag_edges(compiled: tuple[dict, dict])
 def test_pipeline_parameters_and_their_wiring(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"source", "preset", "curate_preset", *(f"{s}_overrides" for s in STAGES)}
+    assert set(params) == {"source", "preset", "curate_preset", "init_from", *(f"{s}_overrides" for s in STAGES)}
     assert params["preset"]["defaultValue"] == "vitl16" and params["curate_preset"]["defaultValue"] == "large"
     assert params["pretrain_overrides"]["parameterType"] == "STRUCT"
     tasks = spec["root"]["dag"]["tasks"]
@@ -138,6 +138,32 @@ def test_pipeline_parameters_and_their_wiring(compiled: tuple[dict, dict]) -> No
         assert wiring["overrides"] == {"componentInputParameter": f"{stage}_overrides"}
         if stage != "curate":
             assert wiring["preset"] == {"componentInputParameter": "preset"}
+
+
+def _flag_fed_by(spec: dict, task: str, flag: str) -> list[str]:
+    """The pipeline parameters whose value reaches `task`'s command as the value of `flag`: through the
+    task's input wiring (componentInputParameter) and its executor's `{{$.inputs.parameters[...]}}`."""
+    component = spec["root"]["dag"]["tasks"][task]
+    executor = spec["components"][component["componentRef"]["name"]]["executorLabel"]
+    args = spec["deploymentSpec"]["executors"][executor]["container"]["args"]
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+    wiring = component["inputs"].get("parameters", {})
+    return [source["componentInputParameter"] for name, source in wiring.items()
+            if "componentInputParameter" in source and f"{{{{$.inputs.parameters['{name}']}}}}" in values]
+
+
+def test_init_from_reaches_pretrain_and_the_benchmark_start_model(compiled: tuple[dict, dict]) -> None:
+    """`init_from` (empty = from scratch) is pretrain's --init-from and the benchmark's --start-model, and
+    no other pipeline parameter feeds either flag; no other task sees it."""
+    spec, _ = compiled
+    assert spec["root"]["inputDefinitions"]["parameters"]["init_from"] == {
+        "parameterType": "STRING", "defaultValue": "", "isOptional": True}
+    assert _flag_fed_by(spec, "pretrain", "--init-from") == ["init_from"]
+    assert _flag_fed_by(spec, "benchmark", "--start-model") == ["init_from"]
+    readers = sorted(task for task, body in spec["root"]["dag"]["tasks"].items()
+                     if any(src.get("componentInputParameter") == "init_from"
+                            for src in body["inputs"].get("parameters", {}).values()))
+    assert readers == ["benchmark", "pretrain"]
 
 
 def test_kubernetes_settings_per_task(compiled: tuple[dict, dict]) -> None:
@@ -192,6 +218,24 @@ def test_tiny_preset_defaults_and_no_gpu(tmp_path: Path) -> None:
     assert all("secretAsEnv" not in e and "tolerations" not in e for e in executors.values())
     container = pipeline.executor("pretrain").container
     assert not container.resources.accelerator.resource_count
+
+
+def test_tiny_profile_pretrain_overrides_hold_with_and_without_init_from(tmp_path: Path) -> None:
+    """The tiny profile's default pretrain_overrides, as the stage reads them (--overrides JSON), give a
+    valid config both from scratch and for a run with init_from (the adapt preset's head warm-up must
+    stay below the shortened train.steps)."""
+    import json
+
+    from gramline.stages.common import json_overrides
+    from gramline.train.recipes.dino.config import load_adapt_config, load_pretrain_config
+
+    out = tmp_path / "tiny.yaml"
+    assert compile_cli(tmp_path, "--profile", "tiny", "--output", str(out)).returncode == 0
+    overrides = json_overrides(json.dumps(load_compiled(out).parameters()["pretrain_overrides"][1]))
+    scratch = load_pretrain_config("tiny", None, overrides)
+    adapt = load_adapt_config("tiny", None, overrides)
+    assert 0 <= adapt.init.head_warmup_steps < adapt.train.steps == scratch.train.steps
+    assert scratch.init.head_warmup_steps == load_pretrain_config("tiny").init.head_warmup_steps
 
 
 def test_default_output_is_gramline_yaml_at_the_repo_root(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
 """The benchmark: global and dense probes of every model on one eval split, side by side.
 
-Each model (a Model artifact, a timm backbone or a seeded random init; see gramline.eval.features)
-gets, on the eval split: k-NN and a linear probe on its labels (gramline.eval.knn, .linear), a
-linear segmentation probe on its masks (.segprobe), patch correspondence (.dense), and when it
-carries a text tower zero-shot classification, image-text retrieval on the captions and zero-shot
-segmentation on the masks (.zeroshot); after all models, the Gram similarity of each to a reference
-model. These are small-scale versions of the DINOv3 paper's evaluations (arXiv 2508.10104). Every
-model sees the same fixed-seed splits (`plan_probes`); whatever cannot run is skipped with a note
-the report prints. `run_benchmark` is the whole job, outputs included (gramline.eval.benchmark_outputs).
+Each model (a Model artifact, an official checkpoint, a timm backbone or a seeded random init; see
+gramline.eval.features) gets, on the eval split: k-NN and a linear probe on its labels
+(gramline.eval.knn, .linear), a linear segmentation probe on its masks (.segprobe), patch
+correspondence (.dense), and when it carries a text tower zero-shot classification, image-text
+retrieval on the captions and zero-shot segmentation on the masks (.zeroshot); after all models,
+the Gram similarity of each to a reference model (`dense.reference`; the benchmark stage's
+`--start-model` makes it the weights training started from). These are small-scale versions of the
+DINOv3 paper's evaluations (arXiv 2508.10104). Every model sees the same fixed-seed splits
+(`plan_probes`); whatever cannot run is skipped with a note the report prints. `run_benchmark` is
+the whole job, outputs included (gramline.eval.benchmark_outputs).
 """
 
 from __future__ import annotations
@@ -426,6 +428,10 @@ def check_models(specs: Sequence[ModelSpec], config: BenchmarkConfig) -> None:
                                  "a Model artifact with backbone weights")
         elif spec.kind == "timm" and spec.weights is not None and not spec.weights.is_file():
             raise InputError(f"{flag} weights file {spec.weights}", "does not exist", "a local weights file")
+        elif spec.kind == "weights":
+            file = spec.target.partition("@")[2] if spec.target.startswith("timm:") else spec.target
+            if file and not Path(file).is_file():
+                raise InputError(f"{flag} weights file {file}", "does not exist", "a local weights file")
 
 
 @dataclass

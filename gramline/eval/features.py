@@ -1,9 +1,12 @@
 """What every probe reads: the eval images, the models to compare and their frozen features.
 
 A model spec on the command line is `NAME=DIR` (a Model artifact), `NAME=timm:<name>[@<weights>]`
-(a plain timm backbone, optionally with a local weights file) or `NAME=random:<arch>` (a seeded
-random-init baseline of a preset architecture). Features come from timm's `forward_features`
-(after the final norm): CLS = token 0, patches = the tokens after the `num_prefix_tokens` prefix.
+(a plain timm backbone, optionally with a local weights file), `NAME=FILE` (an official DINOv3
+checkpoint, `teacher_checkpoint.pth`) or `NAME=random:<arch>` (a seeded random-init baseline of a
+preset architecture). A FILE, and every spec `starting_model_spec` makes (the weights a pretrain
+`--init-from` started from), loads through `gramline.models.init_from.load_starting_weights`, so it
+is the very backbone that run started from. Features come from timm's `forward_features` (after the
+final norm): CLS = token 0, patches = the tokens after the `num_prefix_tokens` prefix.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def torch_threads(n: int | None) -> Iterator[None]:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kind: Literal["dir", "timm", "random"]
-    target: str  # directory, timm model name or preset arch
+    # "weights": an --init-from spec (official checkpoint file, timm:<name>[@file]) through load_starting_weights
+    kind: Literal["dir", "timm", "random", "weights"]
+    target: str  # directory, timm model name, preset arch or --init-from spec
     weights: Path | None = None
 
     def describe(self) -> str:
@@ -61,14 +65,21 @@ class ModelSpec:
             return f"Model artifact {self.target}"
         if self.kind == "timm":
             return f"timm {self.target}" + (f" with weights {self.weights}" if self.weights else " (random init)")
+        if self.kind == "weights":
+            return (f"timm {self.target[len('timm:'):]} (as --init-from loads it)" if self.target.startswith("timm:")
+                    else f"DINOv3 checkpoint {self.target}")
         return f"random-init {self.target}"
 
 
-def parse_model_spec(name: str, value: str) -> ModelSpec:
-    """`DIR`, `timm:<name>[@<weights file>]` or `random:<arch>`."""
+def _check_name(name: str, value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise InputError(f"--model {name}={value}", "has an invalid name",
                          "a NAME of letters, digits, '_', '.' or '-' (it becomes a metric key and a file name)")
+
+
+def parse_model_spec(name: str, value: str) -> ModelSpec:
+    """`DIR`, `FILE` (an official DINOv3 checkpoint), `timm:<name>[@<weights file>]` or `random:<arch>`."""
+    _check_name(name, value)
     if value.startswith("timm:"):
         body = value[len("timm:"):]
         timm_name, _, weights = body.partition("@")
@@ -82,7 +93,24 @@ def parse_model_spec(name: str, value: str) -> ModelSpec:
         if arch not in ARCHS:
             raise InputError(f"--model {name}={value}", f"arch {arch!r} is unknown", "one of " + ", ".join(ARCHS))
         return ModelSpec(name, "random", arch)
+    if Path(value).is_file():
+        return ModelSpec(name, "weights", value)
     return ModelSpec(name, "dir", value)
+
+
+def starting_model_spec(name: str, value: str) -> ModelSpec:
+    """The model a pretrain `--init-from VALUE` started from, loaded as that run loaded it: a Model
+    directory as a Model artifact, anything else (`timm:<name>` with the hub's or its cache's
+    pretrained weights, `timm:<name>@<file>`, an official checkpoint file) through
+    `load_starting_weights`. Unlike `--model NAME=timm:<name>`, a weights-less timm spec here means
+    timm's pretrained weights, not a random init."""
+    _check_name(name, value)
+    value = value.strip()
+    if value.startswith("timm:"):
+        if not value[len("timm:"):].partition("@")[0]:
+            raise InputError(f"--start-model {value}", "names no timm model", "timm:<timm model name>[@weights]")
+        return ModelSpec(name, "weights", value)
+    return parse_model_spec(name, value)
 
 
 def expand_students(specs: list[ModelSpec]) -> list[ModelSpec]:
@@ -149,8 +177,27 @@ def load_model(spec: ModelSpec, random_img_size: int, seed: int = 0) -> LoadedMo
             raise InputError(f"--model {spec.name}=timm:{spec.target}", "is not a ViT with patch tokens",
                              "a timm ViT/Eva backbone such as vit_small_patch16_dinov3")
         return LoadedModel(spec.name, spec, module)
+    if spec.kind == "weights":
+        return LoadedModel(spec.name, spec, load_starting_backbone(spec, random_img_size))
     module = model_io.build_random_backbone(spec.target, random_img_size, seed=seed)
     return LoadedModel(spec.name, spec, module)
+
+
+def load_starting_backbone(spec: ModelSpec, img_size: int) -> nn.Module:
+    """The backbone of an --init-from spec as a plain timm model of its architecture (ARCHS), in
+    eval mode, built for `img_size` inputs (the DINOv3 ViTs also take other sizes)."""
+    from gramline.models import io as model_io
+    from gramline.models.archs import ARCHS
+    from gramline.models.init_from import load_starting_weights
+
+    weights = load_starting_weights(spec.target, flag=f"--model {spec.name}")
+    arch = ARCHS[weights.arch]
+    module = model_io.build_timm(arch.timm_name, arch.timm_kwargs(img_size))
+    try:
+        module.load_state_dict(weights.backbone, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"--model {spec.name}={spec.target}", f"does not load into {weights.arch} ({err})") from err
+    return module.eval()
 
 
 # --------------------------------------------------------------------------- eval images

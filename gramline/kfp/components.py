@@ -71,11 +71,12 @@ def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]
                   *common_args(preset, overrides, {"dataset": dataset})])
 
     @dsl.container_component
-    def pretrain(dataset: Input[Dataset], preset: str, overrides: dict, model: Output[Model]):
-        """DINOv3 SSL pretraining (DINO + iBOT + KoLeo) on the Dataset's train shards."""
+    def pretrain(dataset: Input[Dataset], preset: str, overrides: dict, model: Output[Model], init_from: str = ""):
+        """DINOv3 SSL pretraining (DINO + iBOT + KoLeo) on the Dataset's train shards; from `init_from`
+        (timm:<name>[@file], a Model directory or an official checkpoint file) when given, else from scratch."""
         return dsl.ContainerSpec(
             image=image, command=stage_command("pretrain"),
-            args=["--dataset", dataset.path, "--out-model", model.path,
+            args=["--dataset", dataset.path, "--out-model", model.path, "--init-from", init_from,
                   *common_args(preset, overrides, {"model": model})])
 
     @dsl.container_component
@@ -130,13 +131,15 @@ def benchmark_component(model_names: Sequence[str], image: str = DEFAULT_IMAGE,
     """The benchmark component with one `Input[Model]` per model the DAG produced.
 
     Besides those it always compares a random-init backbone of the run's preset (`random:<preset>`:
-    the SSL presets are named after their archs) and, when given, a public timm backbone
-    (`timm:<name>[@weights]`, downloaded by timm on the cluster).
+    the SSL presets are named after their archs) and, when given, a timm backbone
+    (`timm:<name>[@weights]`; see gramline.eval.features for what a weights-less one is). The
+    string input `start_model` (the pipeline's `init_from`; empty: none) is passed as `--start-model`:
+    the weights pretrain started from, compared as `start` and used as the Gram reference.
     """
     check_image(image)
     names = list(model_names)
     reserved = {"eval_dataset", "preset", "overrides", "metrics", "report", "report_md", "report_dir",
-                "random", "timm"}
+                "start_model", "random", "timm", "start"}
     if not names or len(set(names)) != len(names) or reserved & set(names):
         raise ValueError(f"benchmark model names must be unique, non-empty and not in {sorted(reserved)}: {names}")
 
@@ -152,7 +155,8 @@ def benchmark_component(model_names: Sequence[str], image: str = DEFAULT_IMAGE,
             args += ["--model", f"timm=timm:{timm_baseline}"]
         args += ["--eval-dataset", bound["eval_dataset"].path,
                  "--out-metrics", bound["metrics"].path, "--out-report", bound["report_dir"].path,
-                 "--out-html", bound["report"].path, "--out-markdown", bound["report_md"].path]
+                 "--out-html", bound["report"].path, "--out-markdown", bound["report_md"].path,
+                 "--start-model", bound["start_model"]]
         outputs = {key: bound[key] for key in ("metrics", "report", "report_md", "report_dir")}
         return dsl.ContainerSpec(image=image, command=stage_command("benchmark"),
                                  args=args + common_args(preset, bound["overrides"], outputs))
@@ -167,6 +171,7 @@ def benchmark_component(model_names: Sequence[str], image: str = DEFAULT_IMAGE,
         inspect.Parameter("report", kind, annotation=Output[HTML]),
         inspect.Parameter("report_md", kind, annotation=Output[Markdown]),
         inspect.Parameter("report_dir", kind, annotation=Output[Artifact]),
+        inspect.Parameter("start_model", kind, default="", annotation=str),
     ]
     parameters_names = [p.name for p in parameters]
     benchmark.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]

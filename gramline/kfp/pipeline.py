@@ -2,14 +2,17 @@
 
     curate ─► pretrain ─► anchor ─► gram ─► highres ─► distill ─► align ─► benchmark
        │          └──────────────────┘                                        ▲
-       └── dataset to every stage; every Model (each student, the aligned) ───┘ (+ random-init, optional timm)
+       └── dataset to every stage; every Model (each student, the aligned) ───┘ (+ random-init, optional timm, start)
 
 Adding a stage = its component in `components.py` + one `Stage` row here (its edges). A stage whose
 module is not in this build (`gramline.stages.<name>`), or whose upstream is missing, is left out.
 
 Pipeline parameters: `source` (curate --source), `preset` (SSL preset of the training stages and
-benchmark), `curate_preset`, and `<stage>_overrides` (a dict of dotted config keys) per stage. Their
-defaults and every task's Kubernetes settings come from a deployment profile (profiles.py).
+benchmark), `curate_preset`, `init_from` (pretrain --init-from: timm:<name>[@file], a Model directory
+or an official checkpoint file; empty = from scratch; the benchmark then also compares the starting
+model as `start`, its Gram reference) and `<stage>_overrides` (a dict of dotted config keys) per
+stage. Their defaults (init_from: empty) and every task's Kubernetes settings come from a deployment
+profile (profiles.py).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("curate", parameters={"source": "source"}, preset_parameter="curate_preset"),
-    Stage("pretrain", {"dataset": "curate.dataset"}, produces_model=True),
+    Stage("pretrain", {"dataset": "curate.dataset"}, parameters={"init_from": "init_from"}, produces_model=True),
     Stage("anchor", {"pretrained": "pretrain.model", "dataset": "curate.dataset"}, produces_model=True),
     Stage("gram", {"pretrained": "pretrain.model", "anchor": "anchor.model", "dataset": "curate.dataset"},
           produces_model=True),
@@ -57,7 +60,8 @@ STAGES: tuple[Stage, ...] = (
     # the distill output stands for its largest student (the stage's align.student picks another)
     Stage("align", {"backbone": "distill.model", "dataset": "curate.dataset"}, produces_model=True),
 )
-BENCHMARK = Stage("benchmark", {"eval_dataset": "curate.dataset"})
+# the benchmark also compares the weights pretrain started from (`start`, the Gram reference) when init_from is set
+BENCHMARK = Stage("benchmark", {"eval_dataset": "curate.dataset"}, parameters={"start_model": "init_from"})
 
 
 def stage_available(name: str) -> bool:
@@ -107,7 +111,8 @@ def _parameters(profile: DeploymentProfile, stages: list[Stage]) -> list[inspect
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter("source", kind, default=profile.source, annotation=str),
               inspect.Parameter("preset", kind, default=profile.preset, annotation=str),
-              inspect.Parameter("curate_preset", kind, default=profile.curate_preset, annotation=str)]
+              inspect.Parameter("curate_preset", kind, default=profile.curate_preset, annotation=str),
+              inspect.Parameter("init_from", kind, default="", annotation=str)]
     for stage in stages:
         params.append(inspect.Parameter(f"{stage.name}_overrides", kind,
                                         default=dict(profile.overrides.get(stage.name, {})), annotation=dict))

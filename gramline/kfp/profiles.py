@@ -68,7 +68,9 @@ _GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSched
 _DAY = 24 * 3600
 
 # Tiny: CPU only, minutes end to end (CI, `gramline run --preset tiny`). The overrides shorten the
-# training phases further than the stages' own tiny presets.
+# training phases further than the stages' own tiny presets. `init.head_warmup_steps: 0` keeps a run
+# with `init_from` valid in 8 steps (the adapt preset's 20 heads-only steps must stay below
+# train.steps); from scratch it is the default already, so that run is unchanged.
 TINY = DeploymentProfile(
     name="tiny",
     description="CPU, minutes: procedural images, a 4-layer ViT, a few steps per phase",
@@ -78,7 +80,7 @@ TINY = DeploymentProfile(
     overrides={
         "curate": {"split.eval_fraction": 0.3},  # ~100 eval images: probes above a handful of samples
         "pretrain": {"train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": 4,
-                     "train.teacher_checkpoint_every": 4, "train.log_every": 2},
+                     "train.teacher_checkpoint_every": 4, "train.log_every": 2, "init.head_warmup_steps": 0},
         "anchor": {"anchor.images": 16},
         "gram": {"phase.steps": 4, "phase.ramp_steps": 2, "phase.refresh_at": [2], "train.batch_size": 8,
                  "train.checkpoint_every": 2, "train.teacher_checkpoint_every": 2, "train.log_every": 2},

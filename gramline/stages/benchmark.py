@@ -2,15 +2,18 @@
 
     python -m gramline.stages.benchmark --model NAME=SPEC [--model ...] --eval-dataset DIR
         --out-metrics DIR --out-report DIR [--out-html FILE] [--out-markdown FILE]
-        [--preset NAME] [--config FILE] [--set key=value ...] [--executor-output FILE]
+        [--start-model SPEC] [--preset NAME] [--config FILE] [--set key=value ...] [--executor-output FILE]
 
 SPEC is a Model artifact directory (the distill stage's output stands for each of its students,
-`NAME.<student>`), `timm:<timm name>[@<weights file>]` or `random:<arch>` (a seeded random-init
-baseline). On the eval split: k-NN and a linear probe on its labels, a
-segmentation probe on its masks, and the label-free dense diagnostics (patch correspondence,
-Gram similarity to a reference model). Whatever cannot run is skipped and the report says why;
-exit 2 when a model or the dataset is unusable, or nothing at all can be measured. The work
-is done in gramline.eval.benchmark.
+`NAME.<student>`), an official DINOv3 checkpoint file, `timm:<timm name>[@<weights file>]` (without a
+file: a seeded random init) or `random:<arch>` (a seeded random-init baseline). `--start-model SPEC`
+(a pretrain `--init-from` spec; empty: none) adds the weights training started from as the model
+`start`, loaded as pretrain loads them (`timm:<name>` = timm's pretrained weights), and makes it the
+Gram reference (`dense.reference`) unless the config names another. On the eval split: k-NN and a
+linear probe on its labels, a segmentation probe on its masks, and the label-free dense diagnostics
+(patch correspondence, Gram similarity to a reference model). Whatever cannot run is skipped and
+the report says why; exit 2 when a model or the dataset is unusable, or nothing at all can be
+measured. The work is done in gramline.eval.benchmark.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from pathlib import Path
 
 from gramline.errors import InputError
 from gramline.eval.benchmark import BenchmarkRequest, load_benchmark_config, run_benchmark
-from gramline.eval.features import expand_students, parse_model_spec
+from gramline.eval.features import expand_students, parse_model_spec, starting_model_spec
 from gramline.stages.common import emit_executor_output, parse_named, run_stage, stage_parser
 
 STAGE = "benchmark"
+START = "start"  # the model name of --start-model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,12 +39,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-report", type=Path, required=True, help="output dir: report.html, report.md, images/")
     parser.add_argument("--out-html", type=Path, default=None, help="also write the HTML page to this file")
     parser.add_argument("--out-markdown", type=Path, default=None, help="also write the Markdown to this file")
+    parser.add_argument("--start-model", default="", metavar="SPEC",
+                        help=f"the weights training started from (a pretrain --init-from spec), compared as the model "
+                             f"{START!r} and the Gram reference unless dense.reference names another; empty: none")
     args = parser.parse_args(argv)
-    if not args.model:
+    start = args.start_model.strip()
+    if not args.model and not start:
         raise InputError("--model", "none given", "at least one NAME=SPEC")
     config = load_benchmark_config(args.preset, args.config, args.overrides)
-    specs = expand_students([parse_model_spec(name, value) for name, value in
-                             parse_named(args.model, "--model").items()])
+    named = parse_named(args.model, "--model")
+    specs = [parse_model_spec(name, value) for name, value in named.items()]
+    if start:
+        if START in named:
+            raise InputError(f"--model {START}={named[START]}", f"takes the name {START!r} that --start-model uses",
+                             "another NAME")
+        specs.append(starting_model_spec(START, start))
+        if config.dense.reference is None:
+            config.dense.reference = START
+    specs = expand_students(specs)
     request = BenchmarkRequest(specs, args.eval_dataset, args.out_metrics, args.out_report, args.out_html,
                                args.out_markdown)
     flat = run_benchmark(request, config)
