@@ -136,3 +136,14 @@ def test_checkpoint_file_and_start_specs_load_the_starting_weights(tmp_path: Pat
         assert torch.equal(cls, expected[0]) and torch.equal(patches, expected[1])
     with pytest.raises(InputError, match="names no timm model"):
         starting_model_spec("start", "timm:@x")
+
+
+def test_a_timm_name_without_a_file_means_its_pretrained_weights(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """Offline with an empty cache, `timm:<name>` is refused (exit 2) rather than silently benchmarked
+    as a random init."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(InputError, match="pretrained weights"):
+        load_model(parse_model_spec("pub", "timm:vit_small_patch16_dinov3"), random_img_size=64)

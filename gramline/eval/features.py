@@ -64,7 +64,7 @@ class ModelSpec:
         if self.kind == "dir":
             return f"Model artifact {self.target}"
         if self.kind == "timm":
-            return f"timm {self.target}" + (f" with weights {self.weights}" if self.weights else " (random init)")
+            return f"timm {self.target}" + (f" with weights {self.weights}" if self.weights else " (timm's pretrained weights)")
         if self.kind == "weights":
             return (f"timm {self.target[len('timm:'):]} (as --init-from loads it)" if self.target.startswith("timm:")
                     else f"DINOv3 checkpoint {self.target}")
@@ -170,9 +170,8 @@ def load_model(spec: ModelSpec, random_img_size: int, seed: int = 0) -> LoadedMo
         jsonl = model_dir / "metrics.jsonl"
         return LoadedModel(spec.name, spec, module, manifest, jsonl if jsonl.is_file() else None)
     if spec.kind == "timm":
-        with torch.random.fork_rng():  # a weights-less timm model is a seeded random init
-            torch.manual_seed(seed)
-            module = model_io.load_timm_backbone(spec.target, spec.weights)
+        module = (model_io.load_timm_backbone(spec.target, spec.weights) if spec.weights is not None
+                  else _timm_pretrained(spec))
         if not hasattr(module, "forward_features") or not hasattr(module, "patch_embed"):
             raise InputError(f"--model {spec.name}=timm:{spec.target}", "is not a ViT with patch tokens",
                              "a timm ViT/Eva backbone such as vit_small_patch16_dinov3")
@@ -181,6 +180,20 @@ def load_model(spec: ModelSpec, random_img_size: int, seed: int = 0) -> LoadedMo
         return LoadedModel(spec.name, spec, load_starting_backbone(spec, random_img_size))
     module = model_io.build_random_backbone(spec.target, random_img_size, seed=seed)
     return LoadedModel(spec.name, spec, module)
+
+
+def _timm_pretrained(spec: ModelSpec) -> nn.Module:
+    """`timm:<name>` without a file: timm's pretrained weights (the hub, or its cache offline); a
+    random baseline is `random:<arch>`."""
+    import timm
+
+    try:
+        return timm.create_model(spec.target, pretrained=True, num_classes=0, global_pool="token").eval()
+    except Exception as err:  # noqa: BLE001 - hub errors (offline, no cache, HTTP, unknown tag) come in many types
+        raise InputError(f"--model {spec.name}=timm:{spec.target}", "could not be loaded: timm found no pretrained "
+                         f"weights on the Hugging Face hub or in its local cache ({type(err).__name__})",
+                         f"hub access once (the cache then serves it offline), timm:{spec.target}@<local weights "
+                         "file>, or random:<arch> for a random-init baseline") from None
 
 
 def load_starting_backbone(spec: ModelSpec, img_size: int) -> nn.Module:
