@@ -84,3 +84,17 @@ def to_uint8(crops: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (crops * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def random_vit(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
+    """A timm ViT with every weight random and away from its init (LayerScale and biases near 0.5),
+    so a tensor loaded into the wrong place changes the outputs."""
+    import timm
+
+    vit = timm.create_model(name, pretrained=False, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in vit.parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(noise * 0.1 if param.ndim > 1 else 0.5 + 0.3 * noise)
+    return vit.eval()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from phase_run import random_vit
 from safetensors.torch import save_file
 
 from gramline.errors import InputError
@@ -91,18 +92,11 @@ def test_eval_data_carries_the_captions(small_dataset: Path) -> None:
 
 
 def _public_tiny(seed: int) -> torch.nn.Module:
-    """A stand-in for a public DINOv3 backbone: the tiny arch's timm class, every weight random and
-    away from its init (LayerScale near 0.5), so a tensor loaded into the wrong place shows."""
+    """A tiny DINOv3 ViT standing in for public weights (every weight away from its init)."""
     from gramline.models.archs import ARCHS
 
     arch = ARCHS["tiny"]
-    vit = timm.create_model(arch.timm_name, pretrained=False, **arch.timm_kwargs(64))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in vit.parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(noise * 0.1 if param.ndim > 1 else 0.5 + 0.3 * noise)
-    return vit.eval()
+    return random_vit(arch.timm_name, arch.timm_kwargs(64), seed)
 
 
 def test_checkpoint_file_and_start_specs_load_the_starting_weights(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+from phase_run import random_vit
 from safetensors.torch import load_file
 
 from gramline.cli import main as gramline_main
@@ -35,18 +36,6 @@ VARIANTS = {
 
 class NotWeights:
     """An arbitrary object: a checkpoint holding one is not loadable with weights_only=True."""
-
-
-def random_vit(name: str, kwargs: dict, seed: int) -> Any:
-    """Every weight random and away from its init (LayerScale and biases near 0.5), so a tensor in the
-    wrong place changes the outputs."""
-    vit = timm.create_model(name, pretrained=False, **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in vit.parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(noise * 0.1 if param.ndim > 1 else 0.5 + 0.3 * noise)
-    return vit.eval()
 
 
 def random_heads(dim: int, seed: int) -> dict[str, torch.Tensor]:

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.eva import checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -361,7 +360,7 @@ def write_transformers_export(directory: Path, vit: nn.Module, image_size: int |
 def export_model(model_dir: Path, to: str, out: Path, flag: str = "--model") -> Path:
     """Export a gramline Model artifact: `to="transformers"` writes directory `out`,
     `to="official"` writes the checkpoint file `out` (with heads when the Model has them)."""
-    from gramline.models.io import HEADS_FILE, load_backbone
+    from gramline.models.io import HEADS_FILE, load_backbone, read_weights
 
     model_dir, out = Path(model_dir), Path(out)
     if to not in ("transformers", "official"):
@@ -370,14 +369,8 @@ def export_model(model_dir: Path, to: str, out: Path, flag: str = "--model") -> 
         raise InputError(f"--out {out}", "is a directory", "the checkpoint file to write, e.g. DIR/teacher_checkpoint.pth")
     vit, manifest = load_backbone(model_dir, flag)
     vit_any: Any = vit
-    extras: dict[str, Tensor] = {}
     heads_path = model_dir / HEADS_FILE
-    if heads_path.is_file():
-        try:
-            extras = load_file(str(heads_path))
-        except (SafetensorError, OSError) as err:
-            raise InputError(str(heads_path), f"is not a readable safetensors file ({err})",
-                             "the heads a gramline stage wrote") from err
+    extras = read_weights(heads_path, "the heads a gramline stage wrote") if heads_path.is_file() else {}
     mask_token = extras.get("mask_token")
     if to == "transformers":
         write_transformers_export(out, vit, image_size=manifest.get("img_size"), mask_token=mask_token)

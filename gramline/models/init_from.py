@@ -24,14 +24,12 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gramline.artifacts import read_manifest
 from gramline.errors import InputError
 from gramline.models.archs import ARCHS, archs_of_timm
-from gramline.models.io import BACKBONE_FILE, HEADS_FILE
+from gramline.models.io import BACKBONE_FILE, HEADS_FILE, read_weights
 
 HEAD_PREFIXES = ("dino_head.", "ibot_head.")
 
@@ -150,10 +148,7 @@ def _timm_file_state(path: Path, candidates: list[str], prefer: str | None, wher
 
 def _read_tensors(path: Path, where: str) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise InputError(where, f"{path} is not a readable safetensors file ({err})", "timm-layout weights") from None
+        return read_weights(path, "timm-layout weights")
     from gramline.models.formats import read_official_checkpoint
 
     return read_official_checkpoint(path, where)
@@ -165,11 +160,7 @@ def _from_model(spec: str, model_dir: Path, flag: str) -> StartingWeights:
     weights = model_dir / BACKBONE_FILE
     if not weights.is_file():
         raise InputError(where, f"has no {BACKBONE_FILE}", "a Model artifact with backbone weights")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise InputError(str(weights), f"is not a readable safetensors file ({err})",
-                         "the backbone weights a gramline stage wrote") from None
+    state = read_weights(weights, "the backbone weights a gramline stage wrote")
     arch = manifest.get("arch")
     if arch not in ARCHS:
         raise InputError(f"{model_dir}/manifest.json", f"records the architecture {arch!r}",
@@ -177,7 +168,7 @@ def _from_model(spec: str, model_dir: Path, flag: str) -> StartingWeights:
     arch = fitting_arch(state, [arch], arch, str(weights))
     mask, heads = None, None
     if (model_dir / HEADS_FILE).is_file():
-        extra = load_file(str(model_dir / HEADS_FILE))
+        extra = read_weights(model_dir / HEADS_FILE, "the heads a gramline stage wrote")
         mask = extra.get("mask_token")
         heads = _check_heads(extra, str(model_dir / HEADS_FILE))
     return StartingWeights(spec, "model", arch, state, mask, heads,

@@ -36,6 +36,14 @@ def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: Mappin
         save_file(_plain(state), str(tmp), metadata=dict(metadata or {}))
 
 
+def read_weights(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; InputError naming the file when it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(str(path), f"is not a readable safetensors file ({err})", expected) from None
+
+
 def timm_manifest_entry(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": name, "kwargs": dict(kwargs)}
 
@@ -58,11 +66,7 @@ def load_backbone(model_dir: Path | str, flag: str = "--model") -> tuple[nn.Modu
     if "name" not in spec:
         raise InputError(f"{model_dir}/manifest.json", "has no timm.name", "a Model manifest with timm name + kwargs")
     model = build_timm(spec["name"], spec.get("kwargs", {}))
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise InputError(str(weights), f"is not a readable safetensors file ({err})",
-                         "the backbone weights a gramline stage wrote") from err
+    state = read_weights(weights, "the backbone weights a gramline stage wrote")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
