@@ -1,7 +1,7 @@
 """What every probe reads: the eval images, the models to compare and their frozen features.
 
 A model spec on the command line is `NAME=DIR` (a Model artifact), `NAME=timm:<name>[@<weights>]`
-(a plain timm backbone, optionally with a local weights file), `NAME=FILE` (an official DINOv3
+(a plain timm backbone: timm's pretrained weights, or a local weights file), `NAME=FILE` (an official DINOv3
 checkpoint, `teacher_checkpoint.pth`) or `NAME=random:<arch>` (a seeded random-init baseline of a
 preset architecture). A FILE, and every spec `starting_model_spec` makes (the weights a pretrain
 `--init-from` started from), loads through `gramline.models.init_from.load_starting_weights`, so it
@@ -102,8 +102,7 @@ def starting_model_spec(name: str, value: str) -> ModelSpec:
     """The model a pretrain `--init-from VALUE` started from, loaded as that run loaded it: a Model
     directory as a Model artifact, anything else (`timm:<name>` with the hub's or its cache's
     pretrained weights, `timm:<name>@<file>`, an official checkpoint file) through
-    `load_starting_weights`. Unlike `--model NAME=timm:<name>`, a weights-less timm spec here means
-    timm's pretrained weights, not a random init."""
+    `load_starting_weights` (fitted to a registered architecture, as the training run saw it)."""
     _check_name(name, value)
     value = value.strip()
     if value.startswith("timm:"):

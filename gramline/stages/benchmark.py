@@ -6,9 +6,9 @@
 
 SPEC is a Model artifact directory (the distill stage's output stands for each of its students,
 `NAME.<student>`), an official DINOv3 checkpoint file, `timm:<timm name>[@<weights file>]` (without a
-file: a seeded random init) or `random:<arch>` (a seeded random-init baseline). `--start-model SPEC`
+file: timm's pretrained weights) or `random:<arch>` (a seeded random-init baseline). `--start-model SPEC`
 (a pretrain `--init-from` spec; empty: none) adds the weights training started from as the model
-`start`, loaded as pretrain loads them (`timm:<name>` = timm's pretrained weights), and makes it the
+`start`, loaded as pretrain loads them (fitted to a registered architecture), and makes it the
 Gram reference (`dense.reference`) unless the config names another. On the eval split: k-NN and a
 linear probe on its labels, a segmentation probe on its masks, and the label-free dense diagnostics
 (patch correspondence, Gram similarity to a reference model). Whatever cannot run is skipped and
