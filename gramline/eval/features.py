@@ -198,18 +198,9 @@ def _timm_pretrained(spec: ModelSpec) -> nn.Module:
 def load_starting_backbone(spec: ModelSpec, img_size: int) -> nn.Module:
     """The backbone of an --init-from spec as a plain timm model of its architecture (ARCHS), in
     eval mode, built for `img_size` inputs (the DINOv3 ViTs also take other sizes)."""
-    from gramline.models import io as model_io
-    from gramline.models.archs import ARCHS
     from gramline.models.init_from import load_starting_weights
 
-    weights = load_starting_weights(spec.target, flag=f"--model {spec.name}")
-    arch = ARCHS[weights.arch]
-    module = model_io.build_timm(arch.timm_name, arch.timm_kwargs(img_size))
-    try:
-        module.load_state_dict(weights.backbone, strict=True)
-    except RuntimeError as err:
-        raise InputError(f"--model {spec.name}={spec.target}", f"does not load into {weights.arch} ({err})") from err
-    return module.eval()
+    return load_starting_weights(spec.target, flag=f"--model {spec.name}").timm_backbone(img_size)
 
 
 # --------------------------------------------------------------------------- eval images

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from gramline.errors import InputError
 from gramline.io import atomic_path
 from gramline.models.archs import ARCHS, Arch
+from gramline.models.io import HEADS_FILE, load_backbone, read_weights, state_misfit
 
 BACKBONE_PREFIX = "backbone."
 HEAD_NAMES = ("dino_head", "ibot_head")
@@ -137,21 +138,22 @@ def split_official(state: Mapping[str, Tensor], vit: nn.Module, where: str, stri
         backbone["patch_embed.proj.weight"] = _plain(patch)
     if strict:
         own = vit.state_dict()
-        missing = sorted(set(own) - set(backbone))
-        unexpected = sorted(set(backbone) - set(own))
-        wrong = sorted(key for key in set(own) & set(backbone) if own[key].shape != backbone[key].shape)
+        detail = state_misfit(backbone, own)
         if mask_token is not None and mask_token.shape[-1] != own["cls_token"].shape[-1]:
-            wrong.append("mask_token")
-        if missing or unexpected or wrong:
-            problems = [f"{label} {keys[:6]}{' ...' if len(keys) > 6 else ''}"
-                        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                        if keys]
-            raise InputError(where, f"does not fit the timm model {type(vit).__name__} ({'; '.join(problems)})",
+            detail = "; ".join(filter(None, [detail, "wrong shape ['mask_token']"]))
+        if detail:
+            raise InputError(where, f"does not fit the timm model {type(vit).__name__} ({detail})",
                              f"{OFFICIAL_EXPECTED}, of the same architecture")
-    heads = {key: _plain(value) for key, value in state.items() if key.startswith(tuple(f"{h}." for h in HEAD_NAMES))}
+    heads = complete_heads({key: _plain(value) for key, value in state.items()})
+    return OfficialParts(backbone=backbone, mask_token=mask_token, heads=heads)
+
+
+def complete_heads(tensors: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """The `dino_head.*` and `ibot_head.*` tensors of `tensors`, or None unless both heads are there."""
+    heads = {key: value for key, value in tensors.items() if key.startswith(tuple(f"{h}." for h in HEAD_NAMES))}
     if not all(any(key.startswith(f"{name}.") for key in heads) for name in HEAD_NAMES):
-        heads = {}
-    return OfficialParts(backbone=backbone, mask_token=mask_token, heads=heads or None)
+        return None
+    return heads
 
 
 # --------------------------------------------------------------------------- official: write
@@ -360,8 +362,6 @@ def write_transformers_export(directory: Path, vit: nn.Module, image_size: int |
 def export_model(model_dir: Path, to: str, out: Path, flag: str = "--model") -> Path:
     """Export a gramline Model artifact: `to="transformers"` writes directory `out`,
     `to="official"` writes the checkpoint file `out` (with heads when the Model has them)."""
-    from gramline.models.io import HEADS_FILE, load_backbone, read_weights
-
     model_dir, out = Path(model_dir), Path(out)
     if to not in ("transformers", "official"):
         raise InputError("--to", f"{to!r} is unknown", "transformers or official")
@@ -375,10 +375,8 @@ def export_model(model_dir: Path, to: str, out: Path, flag: str = "--model") -> 
     if to == "transformers":
         write_transformers_export(out, vit, image_size=manifest.get("img_size"), mask_token=mask_token)
         return out
-    heads = {key: value for key, value in extras.items() if key.startswith(tuple(f"{h}." for h in HEAD_NAMES))}
-    if not all(any(key.startswith(f"{name}.") for key in heads) for name in HEAD_NAMES):
-        heads = {}
+    heads = complete_heads(extras)
     arch = Arch(manifest["timm"]["name"], int(vit_any.patch_embed.patch_size[0]), int(vit_any.embed_dim),
                 len(vit_any.blocks), int(vit_any.blocks[0].attn.num_heads))
-    write_official_checkpoint(out, vit.state_dict(), arch, mask_token=mask_token, heads=heads or None)
+    write_official_checkpoint(out, vit.state_dict(), arch, mask_token=mask_token, heads=heads)
     return out

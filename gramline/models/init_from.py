@@ -17,6 +17,7 @@ unexpected and mis-shaped keys against the architecture expected.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,8 @@ from torch import Tensor, nn
 from gramline.artifacts import read_manifest
 from gramline.errors import InputError
 from gramline.models.archs import ARCHS, archs_of_timm
-from gramline.models.io import BACKBONE_FILE, HEADS_FILE, read_weights
-
-HEAD_PREFIXES = ("dino_head.", "ibot_head.")
+from gramline.models.formats import complete_heads, read_official_checkpoint, split_official
+from gramline.models.io import BACKBONE_FILE, HEADS_FILE, build_timm, read_weights, state_misfit
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,22 @@ class StartingWeights:
     def has_heads(self) -> bool:
         return self.heads is not None
 
+    def timm_backbone(self, img_size: int) -> nn.Module:
+        """The backbone as a plain timm model of its architecture, in eval mode, for `img_size`
+        inputs (the architecture fits the weights strictly: `fitting_arch`)."""
+        arch = ARCHS[self.arch]
+        vit = build_timm(arch.timm_name, arch.timm_kwargs(img_size))
+        vit.load_state_dict(self.backbone, strict=True)
+        return vit.eval()
+
     def describe(self) -> str:
         extra = " with its mask token and DINO/iBOT heads" if self.has_heads else " (backbone only: new heads)"
         return f"{self.spec} ({self.kind}, arch {self.arch}){extra}"
 
 
+@functools.cache
 def _meta_vit(arch: str) -> nn.Module:
+    """`arch`'s timm model on the meta device: names and shapes only (read, never changed)."""
     spec = ARCHS[arch]
     with torch.device("meta"):
         return timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs(224))
@@ -61,14 +71,7 @@ def _meta_vit(arch: str) -> nn.Module:
 
 def misfit(state: Mapping[str, Tensor], arch: str) -> str | None:
     """None when `state` loads into `arch` strictly; else which keys are missing, unexpected or mis-shaped."""
-    reference = _meta_vit(arch).state_dict()
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(set(state) - set(reference))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}" for k in set(state) & set(reference)
-                   if tuple(state[k].shape) != tuple(reference[k].shape))
-    parts = [f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
-             (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-    return "; ".join(parts) or None
+    return state_misfit(state, _meta_vit(arch).state_dict())
 
 
 def _expected(arch: str) -> str:
@@ -87,14 +90,6 @@ def fitting_arch(state: Mapping[str, Tensor], candidates: Iterable[str], prefer:
         if misfit(state, arch) is None:
             return arch
     raise InputError(where, f"does not fit {ordered[0]} ({misfit(state, ordered[0])})", _expected(ordered[0]))
-
-
-def _check_heads(heads: Mapping[str, Tensor], where: str) -> dict[str, Tensor] | None:
-    """Heads only when both DINO and iBOT heads are there."""
-    found = {k: v for k, v in heads.items() if k.startswith(HEAD_PREFIXES)}
-    if not all(any(k.startswith(p) for k in found) for p in HEAD_PREFIXES):
-        return None
-    return found
 
 
 # --------------------------------------------------------------------------- the sources
@@ -149,8 +144,6 @@ def _timm_file_state(path: Path, candidates: list[str], prefer: str | None, wher
 def _read_tensors(path: Path, where: str) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         return read_weights(path, "timm-layout weights")
-    from gramline.models.formats import read_official_checkpoint
-
     return read_official_checkpoint(path, where)
 
 
@@ -170,15 +163,13 @@ def _from_model(spec: str, model_dir: Path, flag: str) -> StartingWeights:
     if (model_dir / HEADS_FILE).is_file():
         extra = read_weights(model_dir / HEADS_FILE, "the heads a gramline stage wrote")
         mask = extra.get("mask_token")
-        heads = _check_heads(extra, str(model_dir / HEADS_FILE))
+        heads = complete_heads(extra)
     return StartingWeights(spec, "model", arch, state, mask, heads,
                            record={"kind": "model", "path": str(model_dir.resolve()), "step": manifest.get("step"),
                                    "stage": manifest.get("stage")})
 
 
 def _from_official(spec: str, path: Path, prefer: str | None, flag: str) -> StartingWeights:
-    from gramline.models.formats import read_official_checkpoint, split_official
-
     where = f"{flag} {path}"
     raw = read_official_checkpoint(path, where)
     order = list(dict.fromkeys([a for a in (prefer,) if a in ARCHS] + list(ARCHS)))

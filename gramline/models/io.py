@@ -44,6 +44,18 @@ def read_weights(path: Path, expected: str) -> dict[str, torch.Tensor]:
         raise InputError(str(path), f"is not a readable safetensors file ({err})", expected) from None
 
 
+def state_misfit(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """None when `state` has exactly `reference`'s keys and shapes; else which keys are missing,
+    unexpected or mis-shaped (the first few of each)."""
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(reference[k].shape)}" for k in set(state) & set(reference)
+                   if tuple(state[k].shape) != tuple(reference[k].shape))
+    parts = [f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    return "; ".join(parts) or None
+
+
 def timm_manifest_entry(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": name, "kwargs": dict(kwargs)}
 

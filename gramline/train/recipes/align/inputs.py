@@ -15,7 +15,7 @@ from gramline.artifacts import lineage_entry, read_manifest
 from gramline.errors import InputError
 from gramline.models.archs import ARCHS
 from gramline.models.init_from import load_starting_weights
-from gramline.models.io import BACKBONE_FILE, build_timm, load_backbone, timm_manifest_entry
+from gramline.models.io import BACKBONE_FILE, load_backbone, timm_manifest_entry
 
 DEFAULT_IMG_SIZE = 224  # for a timm class without a pretrained config
 
@@ -79,14 +79,8 @@ def align_backbone(model: Path | None, init_from: str | None, student: str | Non
     start = load_starting_weights(init_from)
     arch = ARCHS[start.arch]
     size = img_size or default_img_size(start.arch)
-    kwargs = arch.timm_kwargs(size)
-    vit = build_timm(arch.timm_name, kwargs)
-    try:
-        vit.load_state_dict(start.backbone, strict=True)
-    except RuntimeError as err:
-        raise InputError(f"--init-from {init_from}", f"does not load into timm model {arch.timm_name} ({err})",
-                         f"weights of {start.arch}") from None
-    manifest = {"timm": timm_manifest_entry(arch.timm_name, kwargs), "arch": start.arch,
+    vit = start.timm_backbone(size)
+    manifest = {"timm": timm_manifest_entry(arch.timm_name, arch.timm_kwargs(size)), "arch": start.arch,
                 "embed_dim": arch.embed_dim, "patch_size": arch.patch_size, "img_size": size}
     record = {"init_from": {"spec": init_from, **start.record, "arch": start.arch}}
-    return AlignBackbone(vit.eval(), manifest, init_from, [], record)
+    return AlignBackbone(vit, manifest, init_from, [], record)

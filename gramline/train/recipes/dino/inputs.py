@@ -18,7 +18,7 @@ from gramline.errors import InputError
 from gramline.models.archs import ARCHS
 from gramline.models.backbone import Backbone
 from gramline.models.init_from import StartingWeights
-from gramline.models.io import BACKBONE_FILE, HEADS_FILE
+from gramline.models.io import BACKBONE_FILE, HEADS_FILE, state_misfit
 from gramline.train.checkpoint import STEP_DIR, latest_checkpoint, read_model_state
 from gramline.train.recipes.dino.config import DinoConfig
 from gramline.train.recipes.dino.model import DinoModel
@@ -59,12 +59,8 @@ def _check_arch(manifest: Mapping[str, Any], config: DinoConfig, flag: str, mode
 
 
 def _check_shapes(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], where: str) -> None:
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(set(state) - set(reference))
-    wrong = sorted(k for k in set(state) & set(reference) if tuple(state[k].shape) != tuple(reference[k].shape))
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{name}: {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+    detail = state_misfit(state, reference)
+    if detail:
         raise InputError(where, f"does not fit the configured model ({detail})",
                          "weights of the same architecture and heads as the config")
 
