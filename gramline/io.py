@@ -58,6 +58,23 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where the kernel reports it (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_mode(path: Path | str) -> None:
+    """Give a file the mode an ordinary `open()` would (0666 less the umask): some writers, such as
+    safetensors, create files 0600, which would hide weights from the other readers of an artifact."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -65,6 +82,19 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
 
 def write_json_atomic(path: Path | str, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def emptied_dir(path: Path | str) -> Path:
+    """`path` as an empty directory: created, or its earlier contents removed (not the directory
+    itself, which may be a mount point). For outputs written in place, manifest last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return path
 
 
 def remove_stale_temps(directory: Path | str) -> None:

@@ -84,7 +84,7 @@ _PRETRAIN: dict[str, Tree] = {
         },
         "ema": {"momentum": constant(0.95)},
         "data": {"num_workers": 0, "shuffle_buffer": 256},
-        "train": {"steps": 200, "batch_size": 32, "checkpoint_every": 50, "teacher_checkpoint_every": 50,
+        "train": {"steps": 200, "batch_size": 32, "checkpoint_every": 50, "teacher_checkpoints": 4,
                   "log_every": 10},
     },
     "vits16": _vit_pretrain("vits16", drop_path=0.1, batch=64, layerwise_decay=0.9),

@@ -102,7 +102,10 @@ def test_every_config_key_is_read_by_the_stage_that_has_it(tmp_path: Path) -> No
     with one_thread(), record_reads() as reads:
         assert curate.main(["--source", "synthetic:n=120,size=48,seed=0", "--out-dataset", str(data),
                             *sets("split.eval_fraction=0.3")]) == 0
-        assert pretrain.main(["--dataset", str(data), "--out-model", str(runs / "pretrain"), *short]) == 0
+        # pretrain's teacher checkpoints by count over the run (every 2 of 4 steps), the others' by cadence
+        assert pretrain.main(["--dataset", str(data), "--out-model", str(runs / "pretrain"),
+                              *sets("train.steps=4", "train.batch_size=8", "train.checkpoint_every=2",
+                                    "train.teacher_checkpoints=2", "train.log_every=2")]) == 0
         assert anchor.main(["--model", str(runs / "pretrain"), "--dataset", str(data), "--out-model",
                             str(runs / "anchor"), *sets("anchor.images=8")]) == 0
         assert gram.main(["--model", str(runs / "pretrain"), "--anchor", str(runs / "anchor"), "--dataset", str(data),

@@ -197,3 +197,15 @@ def test_json_overrides_flag_feeds_the_same_machinery() -> None:
     assert config.train.steps == 4 and config.optim.lr.peak == 1e-3  # --set wins over --overrides
     with pytest.raises(InputError, match="--overrides"):
         stage_parser("x", "y").parse_args(["--overrides", "[1, 2]"])
+
+
+@pytest.mark.parametrize(("steps", "keep", "expected"), [
+    ([10, 20, 30], 3, [10, 20, 30]),                  # within the cap: all stay
+    ([10, 20, 30, 40], 3, [10, 30]),                  # one too many: every other one, from the oldest
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9], 2, [1, 9]),         # 9 -> 5 (1,3,5,7,9) -> 3 (1,5,9) -> 2 (1,9)
+    ([5, 1, 3], 1, [1]),                              # unsorted in, the oldest kept
+])
+def test_thinned_teacher_checkpoints_stay_spread(steps: list[int], keep: int, expected: list[int]) -> None:
+    from gramline.train.export import thinned
+
+    assert thinned(steps, keep) == expected

@@ -216,3 +216,37 @@ def test_checkpoints_of_the_first_layout_resume_and_unknown_layouts_are_refused(
     torch.save({**state, "layout": 99}, future / "state" / "step-00000003" / "model.pt")
     result = run_cli(*argv(future))
     assert result.returncode == 2 and "layout 99" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_teacher_checkpoints_spread_over_the_run_capped_with_the_artifacts_permissions(small_dataset: Path,
+                                                                                       tmp_path: Path) -> None:
+    """The tiny preset asks for 4 teacher checkpoints over the run: 12 steps -> every 3 (3, 6, 9, 12).
+    With at most 3 kept, writing the 4th drops every other one from the oldest: 3 and 9 remain.
+    Weights are written like every other file of the artifact: 0666 less the umask (here 027)."""
+    out = tmp_path / "model"
+    previous = os.umask(0o027)
+    try:
+        assert pretrain.main(["--dataset", str(small_dataset), "--out-model", str(out),
+                              *sum((["--set", o] for o in QUICK + ["train.steps=12", "train.checkpoint_every=12",
+                                                                    "train.keep_teacher_checkpoints=3"]), [])]) == 0
+    finally:
+        os.umask(previous)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["teacher-00000003", "teacher-00000009"]
+    for artifact in (out, out / "checkpoints" / "teacher-00000009"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in artifact.iterdir() if p.is_file()}
+        assert modes["backbone.safetensors"] == modes["heads.safetensors"] == modes["manifest.json"] == 0o640, modes
+
+
+def test_teacher_checkpoint_cadence_follows_train_steps_unless_set() -> None:
+    """The tiny deployment profile asks for 2 teacher checkpoints; a user who lengthens its 8-step
+    pretrain to 500 gets 2 (every 250), not 125; an explicit cadence is kept as given."""
+    from gramline.kfp.profiles import deployment_profile
+
+    profile = [f"{k}={json.dumps(v)}" for k, v in deployment_profile("tiny").overrides["pretrain"].items()]
+    assert load_pretrain_config("tiny", overrides=profile).train.teacher_every() == 4
+    assert load_pretrain_config("tiny", overrides=[*profile, "train.steps=500"]).train.teacher_every() == 250
+    explicit = load_pretrain_config("tiny", overrides=[*profile, "train.steps=500", "train.teacher_checkpoint_every=4"])
+    assert explicit.train.teacher_every() == 4
+    off = load_pretrain_config("tiny", overrides=[*profile, "train.teacher_checkpoints=0"])
+    assert off.train.teacher_every() == 0

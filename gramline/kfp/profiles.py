@@ -80,7 +80,7 @@ TINY = DeploymentProfile(
     overrides={
         "curate": {"split.eval_fraction": 0.3},  # ~100 eval images: probes above a handful of samples
         "pretrain": {"train.steps": 8, "train.batch_size": 8, "train.checkpoint_every": 4,
-                     "train.teacher_checkpoint_every": 4, "train.log_every": 2, "init.head_warmup_steps": 0},
+                     "train.teacher_checkpoints": 2, "train.log_every": 2, "init.head_warmup_steps": 0},
         "anchor": {"anchor.images": 16},
         "gram": {"phase.steps": 4, "phase.ramp_steps": 2, "phase.refresh_at": [2], "train.batch_size": 8,
                  "train.checkpoint_every": 2, "train.teacher_checkpoint_every": 2, "train.log_every": 2},

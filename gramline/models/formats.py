@@ -29,7 +29,7 @@ from timm.models.eva import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from gramline.errors import InputError
-from gramline.io import atomic_path
+from gramline.io import atomic_path, plain_file_mode
 from gramline.models.archs import ARCHS, Arch
 from gramline.models.io import HEADS_FILE, load_backbone, read_weights, state_misfit
 
@@ -354,6 +354,7 @@ def write_transformers_export(directory: Path, vit: nn.Module, image_size: int |
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
         save_file(weights, str(tmp / TRANSFORMERS_WEIGHTS), metadata={"format": "pt"})
+        plain_file_mode(tmp / TRANSFORMERS_WEIGHTS)
 
 
 # --------------------------------------------------------------------------- Model artifacts

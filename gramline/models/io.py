@@ -29,11 +29,12 @@ def _plain(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """safetensors write to a temp name, then rename (atomic)."""
-    from gramline.io import atomic_path
+    """safetensors write to a temp name, then rename (atomic), readable as the umask allows."""
+    from gramline.io import atomic_path, plain_file_mode
 
     with atomic_path(path) as tmp:
         save_file(_plain(state), str(tmp), metadata=dict(metadata or {}))
+        plain_file_mode(tmp)
 
 
 def read_weights(path: Path, expected: str) -> dict[str, torch.Tensor]:

@@ -35,7 +35,12 @@ class TrainConfig(Strict):
     compile: bool = False
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
-    teacher_checkpoint_every: int = 50  # periodic Model artifacts under checkpoints/ (0: none)
+    # Periodic teacher Model artifacts under checkpoints/ (the anchor stage chooses among them):
+    # every `teacher_checkpoint_every` steps when set (0: none), else `teacher_checkpoints` spread over
+    # train.steps, so that a longer run does not multiply them; at most `keep_teacher_checkpoints` kept.
+    teacher_checkpoint_every: int | None = None
+    teacher_checkpoints: int = 4
+    keep_teacher_checkpoints: int = 32
     log_every: int = 10
     max_nan_steps: int = 2  # consecutive non-finite losses tolerated (those steps are skipped)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -44,16 +49,26 @@ class TrainConfig(Strict):
     def _positive(self) -> TrainConfig:
         if self.steps <= 0 or self.batch_size < 2:
             raise ValueError("train.steps must be > 0 and train.batch_size >= 2 (KoLeo needs a neighbour)")
+        if (self.teacher_checkpoint_every or 0) < 0 or self.teacher_checkpoints < 0 or self.keep_teacher_checkpoints < 1:
+            raise ValueError("train.teacher_checkpoint_every and train.teacher_checkpoints must be >= 0 and "
+                             "train.keep_teacher_checkpoints >= 1")
         return self
+
+    def teacher_every(self) -> int:
+        """Steps between teacher checkpoints (0: none)."""
+        if self.teacher_checkpoint_every is not None:
+            return self.teacher_checkpoint_every
+        return max(1, self.steps // self.teacher_checkpoints) if self.teacher_checkpoints else 0
 
 
 def check_ddp_without_teacher_checkpoints(train: TrainConfig, stage: str, why_ddp: str) -> None:
     """For a stage that trains with DDP only and has no EMA teacher to snapshot (distill, align)."""
     if train.distributed == "fsdp":
         raise ValueError(f"train.distributed=fsdp: the {stage} stage {why_ddp}; use auto or ddp")
-    if train.teacher_checkpoint_every:
-        raise ValueError(f"train.teacher_checkpoint_every={train.teacher_checkpoint_every}: the {stage} stage "
-                         "writes no periodic teacher checkpoints; set it to 0")
+    if train.teacher_every():
+        raise ValueError(f"train.teacher_checkpoint_every={train.teacher_checkpoint_every} with train.teacher_checkpoints="
+                         f"{train.teacher_checkpoints}: the {stage} stage writes no periodic teacher checkpoints; set "
+                         "train.teacher_checkpoint_every to 0")
 
 
 class CropTrainingConfig(Strict):

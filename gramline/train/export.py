@@ -7,7 +7,8 @@ anchor stage chooses from (`checkpoints/teacher-XXXXXXXX/`, each a complete Mode
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,22 @@ def list_teacher_checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := TEACHER_DIR.match(p.name))
              and (p / "manifest.json").is_file()]
     return sorted(found)
+
+
+def thinned(steps: Sequence[int], keep: int) -> list[int]:
+    """The steps still kept when at most `keep` may stay: while there are too many, every other one
+    is dropped, counting from the oldest (which stays), so the kept ones remain spread over the run
+    rather than bunched at its end (the anchor stage looks for an early checkpoint)."""
+    kept = sorted(steps)
+    while len(kept) > keep:
+        kept = kept[::2] if keep > 1 else kept[:1]
+    return kept
+
+
+def thin_teacher_checkpoints(model_dir: Path, keep: int) -> None:
+    """Delete the teacher checkpoints that `thinned` does not keep."""
+    found = list_teacher_checkpoints(model_dir)
+    keep_steps = set(thinned([step for step, _ in found], keep))
+    for step, path in found:
+        if step not in keep_steps:
+            shutil.rmtree(path, ignore_errors=True)

@@ -24,6 +24,7 @@ from gramline.train import distributed
 from gramline.train.checkpoint import latest_checkpoint, read_meta
 from gramline.train.config import TrainConfig
 from gramline.train.distributed import DistEnv
+from gramline.train.export import thin_teacher_checkpoints
 from gramline.train.loop import LoopSettings, TrainLoop
 from gramline.train.recipe import Recipe
 
@@ -53,7 +54,7 @@ class TrainingRun:
     record: Callable[[], dict[str, Any]] = dict  # extra manifest entries, read at export time
     take_over: TakeOver | None = None
     hooks: Sequence[StepHook] = ()
-    periodic_exports: bool = True  # Model artifacts under checkpoints/ every train.teacher_checkpoint_every steps
+    periodic_exports: bool = True  # teacher Model artifacts under checkpoints/ (TrainConfig.teacher_every)
     frozen_sections: Sequence[str] = ("backbone", "heads")  # config sections a resume must not change
 
     @property
@@ -107,7 +108,7 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
                      images_per_step=run.train.batch_size * env.world_size,
                      meta={"config": dump_config(run.config)},
                      callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
-    every = run.train.teacher_checkpoint_every if run.periodic_exports else 0
+    every = run.train.teacher_every() if run.periodic_exports else 0
     if every and env.is_main:
         loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, step) if step % every == 0 else None)
     resumed = loop.resume()
@@ -139,4 +140,5 @@ def _teacher_checkpoint(run: TrainingRun, loop: TrainLoop, step: int) -> None:
         tmp.mkdir(parents=True)
         run.recipe.export(tmp, step, final_metrics(loop.last_log, run.recipe.loss_names),
                           {"inputs": run.inputs, "checkpoint_of": str(run.out_dir)})
+    thin_teacher_checkpoints(run.out_dir, run.train.keep_teacher_checkpoints)
 
