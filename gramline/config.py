@@ -9,6 +9,7 @@ impossible values raise InputError naming the dotted field and what was expected
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,6 +127,37 @@ def resolve_config(
         return cls.model_validate(tree)
     except ValidationError as err:
         raise _describe_validation_error(cls, err) from None
+
+
+def _sections(annotation: Any) -> list[Any]:
+    """The config classes (or mappings of them) an annotation may hold: `X`, `X | None`, `dict[str, X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (dict, Mapping):
+        return [("mapping", typing.get_args(annotation)[-1])]
+    return [found for arg in typing.get_args(annotation) for found in _sections(arg)]
+
+
+def check_override_keys(cls: type[BaseModel], overrides: Sequence[str]) -> None:
+    """Every `--set` key names a field of `cls` (values are checked where the config is built).
+
+    For callers that cannot build the whole config (it may depend on an input artifact), e.g. the
+    host of a container run: a misspelt key fails there, before a container starts.
+    """
+    for item in overrides:
+        parts, _ = parse_override(item)
+        model: Any = cls
+        for depth, part in enumerate(parts):
+            if model is None:
+                break  # below a plain value or an open mapping: the config build judges it
+            if isinstance(model, tuple):  # dict[str, X]: any name, then X's fields
+                model = next(iter(_sections(model[1])), None)
+                continue
+            if part not in model.model_fields:
+                where = ".".join(parts[: depth + 1])
+                raise InputError(f"config key {where!r}", "does not exist",
+                                 "one of " + ", ".join(sorted(model.model_fields)))
+            model = next(iter(_sections(model.model_fields[part].annotation)), None)
 
 
 def dump_config(config: BaseModel) -> dict[str, Any]:

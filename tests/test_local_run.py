@@ -13,6 +13,7 @@ import pytest
 kfp = pytest.importorskip("kfp")
 
 from gramline.kfp import local_run
+from gramline.kfp.pipeline import BENCHMARK, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,3 +178,33 @@ def test_run_with_a_pipeline_file_that_is_not_a_pipeline(tmp_path: Path) -> None
     bad.write_text("just: a mapping\n")
     line = one_error_line(gramline("run", "--pipeline", str(bad), "--root", str(tmp_path), cwd=tmp_path))
     assert f"--pipeline {bad}" in line
+
+
+def test_a_misspelt_set_key_fails_on_the_host_before_any_container(tmp_path: Path, small_dataset: Path) -> None:
+    import os
+
+    # no daemon answers here: had the key not been checked first, the error would be about Docker
+    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    line = one_error_line(gramline("rerun", "pretrain", "--runner", "docker", "--input", f"dataset={small_dataset}",
+                                   "--set", "train.stepz=3", env=env, cwd=tmp_path))
+    assert "config key 'train.stepz': does not exist" in line and "steps" in line
+
+
+@pytest.mark.parametrize("stage", [*(s.name for s in STAGES), BENCHMARK.name])
+def test_every_stage_checks_set_keys_on_the_host(stage: str) -> None:
+    from gramline.errors import InputError
+
+    with pytest.raises(InputError, match="config key 'nosuch': does not exist"):
+        local_run.check_stage_overrides(stage, ["nosuch.key=1"])
+    valid = {"curate": "dedup.threshold=0.9", "anchor": "anchor.images=4", "benchmark": "linear.epochs=2"}
+    local_run.check_stage_overrides(stage, [valid.get(stage, "train.steps=3")])  # a real key passes
+
+
+def test_a_bad_config_key_inside_the_dag_exits_2_without_warning_noise(tmp_path: Path) -> None:
+    done = gramline("run", "--profile", "tiny", "--root", str(tmp_path), "--param",
+                    'curate_overrides={"split.eval_fractoin": 0.3}', cwd=tmp_path, timeout=600)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "config key 'split.eval_fractoin': does not exist" in done.stdout + done.stderr
+    assert "on a bad input" in done.stderr.splitlines()[-1]
+    # kfp.local's per-task notes that CPU/memory settings do nothing on one machine are silenced
+    assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]

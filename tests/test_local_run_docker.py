@@ -69,17 +69,65 @@ def test_image_runs_stages_as_a_non_root_user_without_an_entrypoint(client: obje
     assert uid != "0" and usage.startswith("usage: python -m gramline.stages.pretrain") and writable == "writable"
 
 
+@pytest.fixture
+def container_mounts(monkeypatch: pytest.MonkeyPatch) -> list[list[dict]]:
+    """The mounts of every container started in this process, as the daemon reports them."""
+    from docker.models.containers import ContainerCollection
+
+    seen: list[list[dict]] = []
+    start = ContainerCollection.run
+
+    def run(self: object, *args: object, **kwargs: object) -> object:
+        container = start(self, *args, **kwargs)
+        container.reload()
+        seen.append(container.attrs["Mounts"])
+        return container
+
+    monkeypatch.setattr(ContainerCollection, "run", run)
+    return seen
+
+
+def rerun(*args: str) -> int:
+    from gramline.kfp import local_run
+
+    return local_run.main("rerun", [*args, "--runner", "docker", "--gpus", "none"])
+
+
 @pytest.mark.slow
-def test_rerun_one_stage_in_a_container_on_local_directories(image: str, small_dataset: Path, tmp_path: Path) -> None:
-    out = tmp_path / "outputs" / "model"
-    done = gramline("rerun", "pretrain", "--runner", "docker", "--image", image, "--input", f"dataset={small_dataset}",
-                    "--output", f"model={out}", "--set", "train.steps=2", "--set", "train.checkpoint_every=1",
-                    "--gpus", "none", cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert f"model: {out}" in done.stdout and f"image {image}" in done.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
+def test_rerun_mounts_only_its_inputs_and_outputs(image: str, small_dataset: Path, tmp_path: Path,
+                                                  container_mounts: list[list[dict]]) -> None:
+    """A pretrain, then a benchmark of its model, each re-run in a container: the daemon shows the
+    inputs read-only and the output directories read-write, never a parent (the home directory the
+    outputs live in stays unseen); file outputs (metrics, HTML, Markdown) arrive where asked."""
+    home = tmp_path / "home"
+    (home / "private").mkdir(parents=True)
+    model = home / "model"
+    assert rerun("pretrain", "--image", image, "--input", f"dataset={small_dataset}", "--output", f"model={model}",
+                 "--set", "train.steps=2", "--set", "train.checkpoint_every=1", "--out-dir", str(home)) == 0
+    manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["kind"] == "Model" and manifest["step"] == 2
-    assert (out / "backbone.safetensors").stat().st_uid == os.getuid()  # written as the host user
+    (mounts,) = container_mounts
+    work = [m["Source"] for m in mounts if Path(m["Source"]).name.startswith("gramline-rerun-pretrain-")]
+    assert {(m["Source"], m["RW"]) for m in mounts} == {(str(small_dataset), False), (str(model), True),
+                                                         (work[0], True)}
+    assert len(work) == 1 and not work[0].startswith(str(home))  # the private executor-output directory
+
+    from gramline.kfp.dockerhost import container_user
+
+    assert (model / "backbone.safetensors").stat().st_uid == container_user()[0]  # written as that user, not root
+
+    models = {name: model for name in ("pretrain", "anchor", "gram", "highres", "distill", "align")}
+    staged = {"metrics": home / "metrics", "report": home / "report.html", "report_md": home / "report.md"}
+    assert rerun("benchmark", "--image", image, "--input", f"eval_dataset={small_dataset}",
+                 *[f"--input={name}={path}" for name, path in models.items()],
+                 *[f"--output={name}={path}" for name, path in staged.items()],
+                 "--output", f"report_dir={home / 'report'}", "--out-dir", str(home)) == 0
+    sources = {m["Source"]: m["RW"] for m in container_mounts[1]}
+    assert sources[str(home / "report")] is True and sources[str(model)] is False
+    assert not any(source in (str(home), str(tmp_path)) or source in map(str, staged.values()) for source in sources)
+    assert json.loads((staged["metrics"] / "metrics.json").read_text())["models"]
+    assert "<html" in staged["report"].read_text().lower() and staged["report_md"].read_text().startswith("#")
+    assert (home / "report" / "manifest.json").is_file()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from gramline.artifacts import build_manifest, lineage_entry, write_manifest
 from gramline.eval import report as rep
 from gramline.eval.features import EvalData, ModelSpec
-from gramline.io import atomic_path, write_bytes_atomic, write_json_atomic
+from gramline.io import emptied_dir, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from gramline.eval.benchmark import BenchmarkConfig, BenchmarkRequest, BenchmarkResult
@@ -58,21 +58,22 @@ def write_outputs(request: BenchmarkRequest, config: BenchmarkConfig, data: Eval
         "created_at": created,
     }
     inputs = _lineage(request.specs, request.eval_dataset)
-    with atomic_path(request.out_metrics) as tmp:
-        tmp.mkdir(parents=True)
-        write_json_atomic(tmp / "metrics.json", payload)
-        write_manifest(tmp, build_manifest("Metrics", STAGE, config.model_dump(mode="json"), inputs,
-                                           counts={"models": len(result.runs), "eval_images": data.n}, metrics=flat))
+    # Each output directory is written in place, its manifest last (complete once that is there): its
+    # parent need not be writable (a container sees only the output directories themselves).
+    metrics_dir = emptied_dir(request.out_metrics)
+    write_json_atomic(metrics_dir / "metrics.json", payload)
+    write_manifest(metrics_dir, build_manifest("Metrics", STAGE, config.model_dump(mode="json"), inputs,
+                                               counts={"models": len(result.runs), "eval_images": data.n}, metrics=flat))
     html = rep.render_html(report)
     markdown = rep.render_markdown(report)
-    with atomic_path(request.out_report) as tmp:
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "report.html").write_text(html)
-        (tmp / "report.md").write_text(markdown)
-        for name, png in rep.figure_files(report).items():
-            (tmp / "images" / name).write_bytes(png)
-        write_manifest(tmp, build_manifest("Report", STAGE, config.model_dump(mode="json"), inputs,
-                                           counts={"models": len(result.runs)}, metrics=flat))
+    report_dir = emptied_dir(request.out_report)
+    (report_dir / "images").mkdir()
+    write_bytes_atomic(report_dir / "report.html", html.encode())
+    write_bytes_atomic(report_dir / "report.md", markdown.encode())
+    for name, png in rep.figure_files(report).items():
+        write_bytes_atomic(report_dir / "images" / name, png)
+    write_manifest(report_dir, build_manifest("Report", STAGE, config.model_dump(mode="json"), inputs,
+                                              counts={"models": len(result.runs)}, metrics=flat))
     if request.out_html:
         write_bytes_atomic(request.out_html, html.encode())
     if request.out_markdown:

@@ -1,12 +1,16 @@
 """The local Docker daemon for `gramline run/rerun --runner docker`: checks with one-line errors,
 and the `containers.run` settings both commands share (user, shared memory, network, GPUs, env).
+
+Containers never run as root unless asked (`--as-root`): as a normal user they run as that user, so
+outputs stay theirs; invoked as root (or through sudo) they run as the sudo caller, else as nobody.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gramline.errors import InputError
@@ -55,11 +59,39 @@ def ensure_image(docker_client: Any, image: str, flag: str = "--image") -> None:
         docker_client.images.pull(image)
     except Exception as err:  # noqa: BLE001 - any pull failure is reported the same way
         raise InputError(f"{flag} {image!r}", f"is not a local image and could not be pulled ({_reason(err)})",
-                         "an image built by images/build.sh (docker images lists it) or one a registry serves") from None
+                         "an image built by images/build.py (docker images lists it) or one a registry serves") from None
+
+
+NOBODY = (65534, 65534)
+
+
+def container_user(as_root: bool = False) -> tuple[int, int]:
+    """(uid, gid) the containers run as: the caller's; for root, the sudo caller's or nobody's."""
+    if as_root:
+        return 0, 0
+    if os.getuid() != 0:
+        return os.getuid(), os.getgid()
+    sudo_uid, sudo_gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
+    if sudo_uid.isdigit() and int(sudo_uid) != 0:
+        return int(sudo_uid), int(sudo_gid) if sudo_gid.isdigit() else int(sudo_uid)
+    return NOBODY
+
+
+def writable_dir(path: Path, user: tuple[int, int]) -> Path:
+    """Create `path` (and its missing parents) for a container running as `user` to write into.
+
+    Only when we are root and the container is not does an ownership change: a root-owned directory
+    itself goes to the container's user (not its contents, never its parents).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0 and user[0] != 0 and path.stat().st_uid == 0:
+        os.chown(path, *user)
+    return path
 
 
 @dataclass(frozen=True)
 class ContainerSettings:
+    user: tuple[int, int] = field(default_factory=container_user)
     shm_size: str = "2g"
     network: str = "host"  # stages need no network except S3; host works with dockerd --bridge=none
     gpus: str = "auto"  # auto | all | none | <count>
@@ -80,10 +112,10 @@ class ContainerSettings:
         return [docker.types.DeviceRequest(count=int(gpus), capabilities=[["gpu"]])]
 
     def run_args(self, docker_client: Any) -> dict[str, Any]:
-        """`containers.run` keyword arguments: the host user (so bind-mounted outputs stay the user's),
-        /dev/shm size, network, GPUs and the pass-through environment."""
+        """`containers.run` keyword arguments: the user (`container_user`), /dev/shm size, network,
+        GPUs and the pass-through environment."""
         args: dict[str, Any] = {
-            "user": f"{os.getuid()}:{os.getgid()}",
+            "user": f"{self.user[0]}:{self.user[1]}",
             "shm_size": self.shm_size,
             "network_mode": self.network,
             "environment": {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},

@@ -5,7 +5,7 @@
     gramline rerun STAGE [--runner docker|process] --input NAME=PATH ... [--output NAME=PATH ...]
                  [--out-dir DIR] [--set key=value ...] [--profile P | --pipeline FILE] [--image IMAGE]
                  [--param KEY=VALUE ...] [docker options]
-    docker options: [--shm-size 2g] [--gpus auto|all|none|N] [--docker-network host]
+    docker options: [--shm-size 2g] [--gpus auto|all|none|N] [--docker-network host] [--as-root]
 
 `--profile` (also spelled `--preset`, its older name) is the deployment profile to compile
 (gramline/kfp/profiles.py). `run` compiles the pipeline (or takes `--pipeline FILE`), then executes that YAML through kfp.local:
@@ -13,14 +13,18 @@
 container commands run in this Python environment (kfp.local's SubprocessRunner with its
 lightweight-component checks switched off, as KFP's own tests do; kfp is pinned for this).
 `rerun` takes one task of the compiled pipeline, fills its placeholders with your directories and
-runs its command, in a container (Docker SDK: your directories bind-mounted at the same paths, your
-user, shared memory, GPUs when present) or as a process. Both print where the outputs went.
+runs its command, in a container or as a process. In a container (Docker SDK) only the inputs
+(read-only) and the output directories themselves (read-write) are bind-mounted, at the same paths;
+small outputs (metrics, HTML, Markdown) are written to a private directory and moved into place after.
+Containers run as your user (dockerhost.container_user), with shared memory and GPUs when present.
+Both print where the outputs went; a stage that rejected its input makes either exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -105,6 +110,8 @@ def _common_options(parser: argparse.ArgumentParser, default_runner: str) -> Non
     parser.add_argument("--shm-size", default="2g", help="docker: /dev/shm size (default 2g)")
     parser.add_argument("--gpus", default="auto", help="docker: auto, all, none or a count (default auto)")
     parser.add_argument("--docker-network", default="host", help="docker: network mode (default host)")
+    parser.add_argument("--as-root", action="store_true",
+                        help="docker: run containers as root (default: your user; as root, the sudo caller or nobody)")
 
 
 def _pipeline(args: argparse.Namespace, workdir: Path) -> Any:
@@ -133,8 +140,50 @@ def _docker(args: argparse.Namespace, images: set[str]) -> tuple[Any, dict[str, 
     docker_client = dockerhost.client()
     for image in sorted(images):
         dockerhost.ensure_image(docker_client, image)
-    settings = dockerhost.ContainerSettings(shm_size=args.shm_size, network=args.docker_network, gpus=args.gpus)
+    settings = dockerhost.ContainerSettings(user=dockerhost.container_user(args.as_root), shm_size=args.shm_size,
+                                            network=args.docker_network, gpus=args.gpus)
     return docker_client, settings.run_args(docker_client)
+
+
+def _container_user(run_args: dict[str, Any]) -> tuple[int, int]:
+    uid, gid = run_args["user"].split(":")
+    return int(uid), int(gid)
+
+
+@contextlib.contextmanager
+def task_exit_codes() -> Iterator[list[int]]:
+    """The exit code of every task kfp.local runs (it keeps only success or failure), so that a
+    stage that rejected its input (exit 2) makes `gramline run` exit 2 as well.
+
+    Wraps kfp.local internals (pinned kfp==2.17.3, like host_subprocess_runner).
+    """
+    from kfp.local import docker_task_handler, subprocess_task_handler
+
+    codes: list[int] = []
+    patched = ((subprocess_task_handler, "run_local_subprocess"), (docker_task_handler, "run_docker_container"))
+    saved = [getattr(module, name) for module, name in patched]
+
+    def recording(function: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> int:
+            code = function(*args, **kwargs)
+            codes.append(int(code))
+            return code
+        return run
+
+    for (module, name), function in zip(patched, saved):
+        setattr(module, name, recording(function))
+    try:
+        yield codes
+    finally:
+        for (module, name), function in zip(patched, saved):
+            setattr(module, name, function)
+
+
+def quiet_kfp_local_warnings() -> None:
+    """kfp.local warns about every Kubernetes-only task setting (CPU, memory, accelerators, ...) that
+    has no effect on one machine, and the process runner about images it does not use: both true,
+    expected here, and noise in every run."""
+    warnings.filterwarnings("ignore", message=r"Task '.*': settings .* have no effect in the current local runner")
 
 
 # --------------------------------------------------------------------------- gramline run
@@ -150,6 +199,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from kfp import local
     from kfp.local import pipeline_orchestrator
 
+    quiet_kfp_local_warnings()
     runs = Path(args.root).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     pipeline = _pipeline(args, runs)
@@ -160,20 +210,25 @@ def run_pipeline(args: argparse.Namespace) -> int:
           f"outputs under {runs}", flush=True)
     try:
         if args.runner == "docker":
+            from gramline.kfp.dockerhost import writable_dir
+
             docker_client, run_args = _docker(args, pipeline.images())
             docker_client.close()
+            writable_dir(runs, _container_user(run_args))
             runner_context: Any = contextlib.nullcontext(local.DockerRunner(**run_args))
         else:
             runner_context = host_subprocess_runner()
-        with runner_context as runner:
+        with runner_context as runner, task_exit_codes() as codes:
             local.init(runner=runner, pipeline_root=str(runs), raise_on_error=True, enable_caching=args.cache)
             pipeline_orchestrator.run_local_pipeline(pipeline.spec, arguments)
     except RuntimeError as err:
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # kfp.local colours its messages
         if "finished with status FAILURE" not in message:
             raise
-        print(f"gramline run: error: {message.splitlines()[0]} (its log is above)", file=sys.stderr)
-        return 1
+        bad_input = BAD_INPUT_EXIT_CODE in codes
+        print(f"gramline run: error: {message.splitlines()[0]}" + (" on a bad input" if bad_input else "")
+              + " (its log is above)", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE if bad_input else 1
     new = sorted({p for p in runs.iterdir() if p.is_dir() and p.name.startswith(f"{pipeline.name}-")} - before)
     run_dir = new[-1] if new else runs
     print(f"gramline run: done in {time.monotonic() - started:.0f} s; outputs in {run_dir}:")
@@ -233,18 +288,20 @@ def _artifact_paths(pipeline: Any, stage: str, args: argparse.Namespace) -> tupl
     return given_in, outputs
 
 
-def _run_container(docker_client: Any, image: str, command: list[str], run_args: dict[str, Any],
-                   inputs: dict[str, Path], writable: list[Path]) -> int:
+def container_mounts(inputs: dict[str, Path], writable: Sequence[Path]) -> list[Any]:
+    """Bind mounts at the same paths: each input read-only, each writable directory read-write;
+    nothing else of the host (no parent directories)."""
     import docker
 
-    mounts: dict[str, Any] = {}
-    for path in inputs.values():
-        mounts[str(path)] = docker.types.Mount(str(path), str(path), type="bind", read_only=True)
-    for path in writable:
-        path.mkdir(parents=True, exist_ok=True)
-        mounts[str(path)] = docker.types.Mount(str(path), str(path), type="bind", read_only=False)
-    container = docker_client.containers.run(image, command=command, mounts=list(mounts.values()), detach=True,
-                                             **run_args)
+    mounts = {str(path): docker.types.Mount(str(path), str(path), type="bind", read_only=True)
+              for path in inputs.values()}
+    mounts |= {str(path): docker.types.Mount(str(path), str(path), type="bind", read_only=False) for path in writable}
+    return list(mounts.values())
+
+
+def _run_container(docker_client: Any, image: str, command: list[str], run_args: dict[str, Any],
+                   mounts: list[Any]) -> int:
+    container = docker_client.containers.run(image, command=command, mounts=mounts, detach=True, **run_args)
     try:
         for chunk in container.logs(stream=True, follow=True):
             sys.stdout.write(chunk.decode(errors="replace"))
@@ -254,6 +311,67 @@ def _run_container(docker_client: Any, image: str, command: list[str], run_args:
         container.remove(force=True)
 
 
+# Small outputs a stage writes by replacing the path itself (a file, renamed into place), which
+# needs their parent: in a container they go to a private directory first (staged_outputs).
+STAGED_ARTIFACTS = frozenset({"system.Metrics", "system.HTML", "system.Markdown", "system.ClassificationMetrics",
+                              "system.SlicedClassificationMetrics"})
+
+
+def staged_outputs(pipeline: Any, stage: str) -> set[str]:
+    specs = pipeline.component(stage).output_definitions.artifacts
+    return {name for name, spec in specs.items() if spec.artifact_type.schema_title in STAGED_ARTIFACTS}
+
+
+# The config schema each stage validates its `--set` keys against ("module:Class").
+CONFIG_SCHEMAS = {
+    "curate": "gramline.curate.config:CurateConfig",
+    "pretrain": "gramline.train.recipes.dino.config:DinoConfig",
+    "anchor": "gramline.eval.anchor:AnchorConfig",
+    "gram": "gramline.train.recipes.dino.config:GramStageConfig",
+    "highres": "gramline.train.recipes.dino.config:HighresStageConfig",
+    "distill": "gramline.train.recipes.distill.config:DistillConfig",
+    "align": "gramline.train.recipes.align.config:AlignConfig",
+    "benchmark": "gramline.eval.benchmark:BenchmarkConfig",
+}
+
+
+def check_stage_overrides(stage: str, overrides: Sequence[str]) -> None:
+    """A misspelt `--set` key fails here, on the host, before any container starts."""
+    from gramline.config import check_override_keys
+
+    if not overrides or stage not in CONFIG_SCHEMAS:
+        return
+    module, name = CONFIG_SCHEMAS[stage].split(":")
+    check_override_keys(getattr(importlib.import_module(module), name), overrides)
+
+
+def _in_container(args: argparse.Namespace, image: str, command: list[str], inputs: dict[str, Path],
+                  outputs: dict[str, Path], staged: dict[str, Path], workdir: Path) -> int:
+    """Run the command in `image` with only its inputs and outputs mounted; move the staged outputs
+    to where they were asked for once it succeeded."""
+    from gramline.kfp.dockerhost import writable_dir
+
+    docker_client, run_args = _docker(args, {image})
+    user = _container_user(run_args)
+    try:
+        writable = [writable_dir(workdir, user)]
+        writable += [writable_dir(path, user) for name, path in sorted(outputs.items()) if name not in staged]
+        for path in staged.values():
+            writable_dir(path.parent, user)
+        code = _run_container(docker_client, image, command, run_args, container_mounts(inputs, writable))
+    finally:
+        docker_client.close()
+    if code == 0:
+        for name, path in staged.items():
+            target = outputs[name]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            target.unlink(missing_ok=True)
+            shutil.move(path, target)
+    return code
+
+
 def rerun_stage(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"gramline-rerun-{args.stage}-"))
     try:
@@ -261,20 +379,19 @@ def rerun_stage(args: argparse.Namespace) -> int:
         arguments = _arguments(pipeline, args.param)
         pipeline.task(args.stage)
         inputs, outputs = _artifact_paths(pipeline, args.stage, args)
+        check_stage_overrides(args.stage, args.overrides)
         executor_output = workdir / "executor_output.json"
-        command = resolve_command(pipeline, args.stage, inputs, outputs, arguments, executor_output)
+        # in a container, small outputs go to the private work directory first (their parents stay unmounted)
+        staged = ({name: workdir / "staged" / name / outputs[name].name for name in staged_outputs(pipeline, args.stage)}
+                  if args.runner == "docker" else {})
+        command = resolve_command(pipeline, args.stage, inputs, outputs | staged, arguments, executor_output)
         for item in args.overrides:
             command += ["--set", item]
         image = pipeline.executor(args.stage).container.image
         print(f"gramline rerun: {args.stage} ({args.runner}{', image ' + image if args.runner == 'docker' else ''})",
               flush=True)
         if args.runner == "docker":
-            docker_client, run_args = _docker(args, {image})
-            try:
-                writable = sorted({p.parent for p in outputs.values()} | {workdir})
-                code = _run_container(docker_client, image, command, run_args, inputs, writable)
-            finally:
-                docker_client.close()
+            code = _in_container(args, image, command, inputs, outputs, staged, workdir)
         else:
             with python_on_path():
                 code = subprocess.run(command, check=False).returncode
