@@ -1,12 +1,18 @@
-"""Build the gramline image with no registry reachable (CI, air-gapped hosts), or from a registry.
+"""Build the gramline image, with or without a registry (CI, air-gapped hosts).
 
-    python images/build.py [--variant cpu|cuda] [--tag TAG] [--online] [--force] [--cache DIR]
+    python images/build.py [--variant cpu|cuda] [--tag TAG] [--base auto|registry|debootstrap]
+                           [--online] [--force] [--cache DIR]
 
-Offline (the default), for the CPU variant:
-1. a Debian bookworm base image made locally: `debootstrap --variant=minbase` with python3 and
-   python3-venv (from the configured Debian mirror), then `docker import` (cached in --cache);
-2. the gramline wheel built from this checkout, and every dependency wheel gathered with the host's
-   pip (`pip download`, so whatever indexes/find-links the host's pip uses) into --cache;
+Any host Python >= 3.10 and a Docker daemon you may use (root or the docker group). For the CPU
+variant, by default:
+1. a Debian bookworm base image with Python 3.11: `python:3.11-slim-bookworm` pulled from the
+   registry when one answers; otherwise (`--base debootstrap`, or auto with no registry) one made
+   locally with `debootstrap --variant=minbase` (needs root, once: the image is kept) and imported;
+2. the gramline wheel built from this checkout, and every dependency wheel for the image's Python
+   3.11 gathered with the host's pip (`pip download`, so whatever indexes/find-links it uses) into
+   --cache. PyTorch's CPU wheels are taken when the host's pip sources or PyTorch's CPU index have
+   them for the host's torch version; otherwise the build says so and uses the CUDA build, which
+   runs on CPUs too but weighs ~3 GB more;
 3. `docker build -f images/Dockerfile.cpu` with BASE_IMAGE=that base, the dependency wheels served to
    the build from 127.0.0.1 over HTTP (`--network host`), so they never enter a layer.
 --online builds images/Dockerfile (or .cpu) against its default base and PyPI instead.
@@ -22,6 +28,8 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -29,11 +37,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_TAG = "gramline-base:bookworm"
+REGISTRY_BASE = "python:3.11-slim-bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+IMAGE_PYTHON = ("3.11", "cp311")  # Debian bookworm's Python, the image's
 
 
 def log(message: str) -> None:
@@ -90,15 +102,40 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def base_image(client, cache: Path) -> str:
-    """gramline-base:bookworm from a debootstrapped rootfs (tarball cached in `cache`)."""
-    if image_exists(client, BASE_TAG):
+def base_image(client, cache: Path, how: str) -> str:
+    """A bookworm base with Python 3.11: a local gramline-base, else the registry's python image, else
+    one debootstrapped here (the rootfs tarball cached in `cache`)."""
+    import docker
+
+    if how != "registry" and image_exists(client, BASE_TAG):
         log(f"base image {BASE_TAG} exists")
         return BASE_TAG
+    if how != "debootstrap":
+        if image_exists(client, REGISTRY_BASE):
+            log(f"base image {REGISTRY_BASE} exists")
+            return REGISTRY_BASE
+        try:
+            log(f"docker pull {REGISTRY_BASE} ...")
+            client.images.pull(REGISTRY_BASE)
+            return REGISTRY_BASE
+        except docker.errors.APIError as err:
+            if how == "registry":
+                sys.exit(f"build.py: error: cannot pull {REGISTRY_BASE} ({str(err).splitlines()[0]})")
+            log(f"no registry answered ({str(err).splitlines()[0][:120]}); making the base with debootstrap")
+    return debootstrap_base(cache)
+
+
+def debootstrap_base(cache: Path) -> str:
     tarball = cache / "bookworm-rootfs.tar"
     if not tarball.is_file():
         if shutil.which("debootstrap") is None:
-            sys.exit("build.py: error: debootstrap is not installed (apt-get install -y debootstrap)")
+            sys.exit("build.py: error: no registry is reachable and debootstrap is not installed "
+                     "(apt-get install -y debootstrap)")
+        if os.geteuid() != 0:
+            sys.exit(f"build.py: error: no registry is reachable for {REGISTRY_BASE}, and making the base image "
+                     "with debootstrap needs root: run `sudo python3 images/build.py` once (the base image "
+                     f"{BASE_TAG} is kept for later builds as any docker user), or `docker load` a "
+                     f"{REGISTRY_BASE} image saved elsewhere")
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="gramline-rootfs-", dir=cache) as tmp:
             rootfs = Path(tmp) / "rootfs"
@@ -130,17 +167,62 @@ def gramline_wheel(context: Path) -> Path:
     return found[-1]
 
 
-def wheelhouse(wheel: Path, cache: Path) -> Path:
-    """Every dependency wheel of gramline[curate], from the host pip's own sources."""
-    if sys.version_info[:2] != (3, 11):
-        sys.exit("build.py: error: run with Python 3.11 (Debian bookworm's), so the wheels match the image")
-    house = cache / "wheelhouse"
-    house.mkdir(parents=True, exist_ok=True)
+def image_platform_args() -> list[str]:
+    """`pip download` flags for wheels that install in the image (CPython 3.11, glibc 2.36 Linux on
+    this machine's architecture), whatever the host's Python is."""
+    arch = {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine().lower(), platform.machine().lower())
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(36, 4, -1)]
+    tags += [f"manylinux{legacy}_{arch}" for legacy in ("2014", "2010", "1")]
+    version, abi = IMAGE_PYTHON
+    return ["--only-binary=:all:", "--python-version", version, "--implementation", "cp", "--abi", abi,
+            *(arg for tag in tags for arg in ("--platform", tag))]
+
+
+def host_version(package: str) -> str | None:
+    """The host's installed version of `package` without its local label (2.14.1+cu130 -> 2.14.1)."""
+    try:
+        return metadata.version(package).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_torch(house: Path) -> list[str]:
+    """CPU builds of the host's torch and torchvision into `house`, from the host's pip sources or
+    PyTorch's CPU index; the pins that select them, or [] when neither has them."""
+    versions = {name: host_version(name) for name in ("torch", "torchvision")}
+    if not all(versions.values()):
+        log("torch/torchvision are not installed on this host: the image takes what pip resolves")
+        return []
+    pins = [f"{name}=={version}+cpu" for name, version in versions.items()]
+    for where, extra in (("the host's pip sources", []), (CPU_INDEX, ["--index-url", CPU_INDEX])):
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(house), "--timeout",
+                               "15", "--retries", "0", *image_platform_args(), *extra, *pins],
+                              check=False, capture_output=True, text=True)
+        if done.returncode == 0:
+            log(f"CPU builds {', '.join(pins)} from {where}")
+            return pins
+    return []
+
+
+def wheelhouse(wheel: Path, cache: Path, variant: str) -> Path:
+    """Every dependency wheel of gramline[curate] for the image, from the host pip's own sources."""
     started = time.monotonic()
-    quiet([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(house), f"{wheel}[curate]"])
+    house = cache / f"wheelhouse-{variant}"
+    house.mkdir(parents=True, exist_ok=True)
+    constraints = cache / f"constraints-{variant}.txt"
+    pins = cpu_torch(house) if variant == "cpu" else []
+    constraints.write_text("".join(f"{pin}\n" for pin in pins))
+    if variant == "cpu" and not pins:
+        log(f"WARNING: no CPU build of torch {host_version('torch')} is reachable (neither the host's pip sources "
+            f"nor {CPU_INDEX}): this CPU image carries the CUDA build and its NVIDIA libraries (~3 GB more); "
+            "it runs on CPUs all the same")
+    quiet([sys.executable, "-m", "pip", "download", *image_platform_args(), "-d", str(house), "--find-links",
+           str(house), "-c", str(constraints), f"{wheel}[curate]"])
     (house / wheel.name).unlink(missing_ok=True)  # the build takes gramline from its context
-    size = sum(p.stat().st_size for p in house.glob("*.whl")) >> 20
-    log(f"wheelhouse {house}: {len(list(house.glob('*.whl')))} wheels, {size} MiB ({time.monotonic() - started:.0f} s)")
+    wheels = sorted(house.glob("*.whl"))
+    nvidia = sum(p.stat().st_size for p in wheels if p.name.startswith(("nvidia_", "cuda_", "triton-"))) >> 20
+    log(f"wheelhouse {house}: {len(wheels)} wheels, {sum(p.stat().st_size for p in wheels) >> 20} MiB, of which "
+        f"{nvidia} MiB CUDA libraries ({time.monotonic() - started:.0f} s)")
     return house
 
 
@@ -175,13 +257,17 @@ def docker_build(client, context: Path, dockerfile: Path, tag: str, buildargs: d
         text = chunk.get("stream", "").rstrip()
         if text.startswith(("Step ", "Successfully built", "Successfully tagged")):
             log(f"{text}  [{time.monotonic() - started:.0f} s]")
-    log(f"built {tag} in {time.monotonic() - started:.0f} s")
+    size = client.images.get(tag).attrs.get("Size", 0)
+    log(f"built {tag} in {time.monotonic() - started:.0f} s: {size / 1e9:.2f} GB")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="images/build.py", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tag", default=None, help="default gramline:<version> (cpu) or gramline:<version>-cuda")
+    parser.add_argument("--base", choices=("auto", "registry", "debootstrap"), default="auto",
+                        help=f"base image: {REGISTRY_BASE} from a registry, or debootstrapped here (root); auto: "
+                             "an existing one, else the registry, else debootstrap")
     parser.add_argument("--online", action="store_true", help="use the Dockerfile's default base and PyPI")
     parser.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gramline-image")
@@ -206,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.online:
             docker_build(client, context, dockerfile, tag, {}, labels)
         else:
-            base = base_image(client, args.cache)
-            house = wheelhouse(wheel, args.cache)
+            base = base_image(client, args.cache, args.base)
+            house = wheelhouse(wheel, args.cache, args.variant)
             with serve(house) as url:
                 docker_build(client, context, dockerfile, tag,
                              {"BASE_IMAGE": base, "PIP_INSTALL_ARGS": f"--no-index --find-links {url}"}, labels)
