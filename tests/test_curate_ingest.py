@@ -169,6 +169,7 @@ def test_s3_prefix_manifest_and_tar(s3_server: str, tmp_path: Path) -> None:
     for i in range(3):
         client.put_object(Bucket=bucket, Key=f"photos/cls{i % 2}/{i:03d}.png", Body=_png(i))
     client.put_object(Bucket=bucket, Key="other/x.png", Body=_png(9))
+    client.put_object(Bucket=bucket, Key="photos2/cls0/009.png", Body=_png(9))  # a sibling, not in photos/
     items = _loaded(open_source(f"s3://{bucket}/photos", folder_labels=True))
     assert [ref for ref, *_ in items] == ["photos/cls0/000.png", "photos/cls0/002.png", "photos/cls1/001.png"]
     assert [label for *_, label, _ in items] == ["cls0", "cls0", "cls1"]

@@ -270,10 +270,16 @@ def test_s3_round_trip_matches_local(s3_server: str, tmp_path: Path) -> None:
     manifest = _run(sources, remote, *common, f"output.shards_uri=s3://{bucket}/datasets/v1")
 
     assert not (remote / "shards").exists()
-    assert all(u.startswith(f"s3://{bucket}/datasets/v1/shards/") for urls in manifest["shards"].values() for u in urls)
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="datasets/v1/")["Contents"]]
-    assert not [k for k in keys if "_tmp-" in k]
-    assert {"datasets/v1/manifest.json", "datasets/v1/index.parquet"} <= set(keys)
+    root = manifest["shards_uri"]
+    assert root.startswith(f"s3://{bucket}/datasets/v1/versions/")
+    assert all(u.startswith(f"{root}/shards/") for urls in manifest["shards"].values() for u in urls)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="datasets/v1/")["Contents"]}
+    version = root.removeprefix(f"s3://{bucket}/")
+    shard_keys = {u.removeprefix(f"s3://{bucket}/") for urls in manifest["shards"].values() for u in urls}
+    assert keys == shard_keys | {f"{version}/{n}" for n in ("manifest.json", "index.parquet", "stats.json")} | {
+        "datasets/v1/latest.json"}
+    published = json.loads(client.get_object(Bucket=bucket, Key=f"{version}/manifest.json")["Body"].read())
+    assert published == manifest
     local_index = pq.read_table(local / "index.parquet").drop_columns(["shard"])
     remote_index = pq.read_table(remote / "index.parquet")
     assert remote_index.drop_columns(["shard"]).equals(local_index)

@@ -2,23 +2,26 @@
 hashed and described, on a thread pool, into resumable work chunks of `ingest.chunk_size` items.
 
 Rejected items keep a row with their reason (they become `quarantine.parquet`); valid ones also get
-their copy-detection views (for dedup) and colour layout (the offline clustering embedding).
+their copy-detection views (for dedup) and colour layout (the offline clustering embedding). Only a
+permanent load failure (missing, forbidden, undecodable bytes) quarantines an item; a source that
+stays unreachable after the S3 retries (TransientError) stops the run with the chunk unwritten, so a
+re-run reads it again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import io
 import itertools
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import botocore.exceptions
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,7 +56,7 @@ def _process(idx: int, key: str, item: Item, cfg: CurateConfig) -> _Processed:
     assert item.load is not None
     try:
         payload = item.load()
-    except (OSError, InputError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+    except (OSError, InputError) as err:  # permanent (missing, forbidden); a TransientError stops the run
         row["status"], row["detail"] = "unreadable", f"{type(err).__name__}: {err}"
         return _Processed(row, None, None)
     if payload.label_name is not None:
@@ -79,6 +82,17 @@ def _process(idx: int, key: str, item: Item, cfg: CurateConfig) -> _Processed:
                image=result.data, seg=seg)
     desc = descriptor_views(result.image, cfg.dedup.view_grid, cfg.dedup.view_scale).astype(np.float16)
     return _Processed(row, desc, colour_layout(result.image).astype(np.float16))
+
+
+def _run_all(pool: concurrent.futures.Executor, calls: list[Callable[[], _Processed]]) -> list[_Processed]:
+    """Results in order; the first failure cancels the calls not yet started and is raised."""
+    futures = [pool.submit(call) for call in calls]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
 
 
 def _all_items(sources: Sequence[Source]) -> Iterator[Item]:
@@ -138,7 +152,7 @@ def ingest(sources: Sequence[Source], cfg: CurateConfig, work: WorkDir) -> int:
                     n += 1
                 keys.add(key)
                 jobs.append((idx, key, item))
-            done = list(pool.map(lambda job: _process(job[0], job[1], job[2], cfg), jobs))
+            done = _run_all(pool, [functools.partial(_process, idx, key, item, cfg) for idx, key, item in jobs])
             _write_chunk(work, chunk_id, done, cfg)
             ok = sum(p.desc is not None for p in done)
             counts["ok"] += ok

@@ -10,11 +10,12 @@ Steps, in order (one module each):
 4. embed the train pool (`embed.backbone`), hierarchical k-means with resampling, balanced
    sampling to `balance.target` (`embed`, `cluster`).
 5. shards + index.parquet + stats.json + report.html + manifest.json (last), locally (`write`), or
-   with the shards on `output.shards_uri` (`publish`).
+   with the shards as a new immutable version under `output.shards_uri` (`publish`).
 
 Resumable: every step's results live in the work directory next to the output (`workdir`); a re-run
 with the same sources and config continues after the last complete chunk and produces the same
-dataset as one clean run. The work directory is removed after success unless `output.keep_work`.
+dataset as one clean run, also after S3 stayed unavailable (TransientError, exit 75). The work
+directory is removed after success unless `output.keep_work`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def curate(source_uris: Sequence[str], cfg: CurateConfig, out_dir: Path) -> dict
     inputs = [{"name": "source", "uri": u} for u in source_uris]
     if cfg.output.shards_uri:
         write_dataset(cfg, work, sel, bal, n_chunks, work.staged, inputs, timings)
-        manifest = publish_to_s3(work.staged, out_dir, cfg.output.shards_uri)
+        manifest = publish_to_s3(work.staged, out_dir, cfg.output.shards_uri, work.pending_publish)
     else:
         manifest = write_dataset(cfg, work, sel, bal, n_chunks, out_dir, inputs, timings)
     if not cfg.output.keep_work:

@@ -9,12 +9,14 @@ Kinds (picked from the URI, then from the content):
   image with the same key are attached to it rather than treated as images.
 - a `.parquet` or `.csv` manifest (local or `s3://`): one row per image with a path/URI column
   (relative paths are relative to the manifest) and optional label and caption columns.
-- `s3://bucket/prefix`: every object under the prefix, in key order.
+- `s3://bucket/prefix`: every object in the folder `prefix/`, in key order (`s3://b/raw` never
+  takes `raw2/...`).
 - `synthetic:n=N,size=S,seed=K`: the procedural shapes world (gramline.data.synthetic).
 
 `open_source` checks a source up front (exists, non-empty, readable, has a path column): a bad
 source is an InputError naming it, so the stage exits 2 before any work. Problems with single
-items are never fatal: they surface as rejections or load errors and end up in quarantine.
+items are never fatal: they surface as rejections or load errors and end up in quarantine. An S3
+read that keeps failing transiently is not a problem of the item: its TransientError stops the run.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ class S3PrefixSource:
         return len(self._keys)
 
     def items(self) -> Iterator[Item]:
-        base = self.prefix if not self.prefix or self.prefix.endswith("/") else self.prefix + "/"
+        base = s3.folder_prefix(self.prefix)
         for key in self._keys:
             rel = key.removeprefix(base)
             url = f"s3://{self.bucket}/{key}"

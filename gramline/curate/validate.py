@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ def _looks_like_image(data: bytes) -> bool:
 
 
 def _decode_failure(err: BaseException) -> Rejection:
-    text = f"{type(err).__name__}: {err}"
+    # Pillow names the in-memory file with its address; drop it so that reruns give the same detail
+    text = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(err).__name__}: {err}")
     if isinstance(err, EOFError) or "truncated" in str(err).lower() or "premature end" in str(err).lower():
         return Rejection("truncated", text)
     return Rejection("corrupt", text)

@@ -13,6 +13,7 @@ afresh. Layout:
     dedup.npz, cluster.npz        results of the dedup/split and the cluster/balance steps
     embed/emb-NNNNNN.npy          network embeddings of the pool images in ingest chunk NNNNNN
     publish/                      the artifact staged for upload when shards go to S3
+    publish.json                  the S3 version being published (removed by a re-run if unfinished)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from gramline.curate.log import log
-from gramline.io import atomic_path, remove_stale_temps, write_json_atomic
+from gramline.io import atomic_path, remove_stale_temps, write_bytes_atomic, write_json_atomic
 
 CHUNK_SCHEMA = pa.schema([
     ("idx", pa.int64()), ("key", pa.string()), ("source", pa.string()), ("ref", pa.string()),
@@ -55,7 +56,11 @@ class WorkDir:
                 same = False
             if not same:
                 log(f"work directory {self.root} is from other sources or config: starting afresh")
+                pending = self.pending_publish.read_bytes() if self.pending_publish.is_file() else None
                 shutil.rmtree(self.root)
+                if pending is not None:  # an unfinished S3 publish: the next publish still removes it
+                    self.root.mkdir(parents=True)
+                    write_bytes_atomic(self.pending_publish, pending)
         (self.root / "ingest").mkdir(parents=True, exist_ok=True)
         (self.root / "embed").mkdir(parents=True, exist_ok=True)
         for sub in (self.root, self.root / "ingest", self.root / "embed"):
@@ -96,6 +101,10 @@ class WorkDir:
     @property
     def staged(self) -> Path:
         return self.root / "publish"
+
+    @property
+    def pending_publish(self) -> Path:
+        return self.root / "publish.json"
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

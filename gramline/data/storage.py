@@ -32,9 +32,10 @@ def open_url(url: str) -> BinaryIO:
 def open_s3(url: str) -> BinaryIO:
     """Stream an `s3://bucket/key` object through boto3 (endpoint from `AWS_ENDPOINT_URL`).
 
-    Forward-only and buffered; API calls retry with backoff and a read that breaks mid-object
-    resumes with a byte range (`gramline.data.s3`). A missing bucket or key is an InputError.
+    Forward-only and buffered. Transient failures are retried and a read that breaks mid-object
+    resumes with a byte range (`gramline.data.s3`); a missing bucket or key is an InputError, S3
+    still failing after the retries a TransientError.
     """
     from gramline.data.s3 import open_object
 
-    return open_object(url)
+    return open_object(url, "shard")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gramline.artifacts import uri_for, write_executor_output
-from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
+from gramline.errors import BAD_INPUT_EXIT_CODE, TRANSIENT_EXIT_CODE, InputError, TransientError
 
 
 class StageArgumentParser(argparse.ArgumentParser):
@@ -92,10 +92,14 @@ def emit_executor_output(
 
 
 def run_stage(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run a stage's main: InputError → one clear paragraph on stderr and exit 2."""
+    """Run a stage's main: InputError → one clear paragraph on stderr and exit 2; TransientError
+    (a service still failing after its retries) → the same, exit 75, so that a retry may follow."""
     try:
         code = main(argv)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(BAD_INPUT_EXIT_CODE)
+    except TransientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(TRANSIENT_EXIT_CODE)
     sys.exit(code or 0)

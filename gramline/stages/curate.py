@@ -6,7 +6,8 @@
 Sources: directories, .tar archives, .parquet/.csv manifests, s3://bucket/prefix, and
 `synthetic:n=N,size=S,seed=K` (gramline.curate.sources). The steps and the resumable work
 directory next to the output: gramline.curate.pipeline; the output layout: gramline.curate.write.
-A bad source, config or embedder exits 2 naming it, before any work.
+A bad source, config or embedder exits 2 naming it, before any work. S3 still failing after its
+retries exits 75 naming the operation and object; running again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 from gramline.config import load_stage_config
 from gramline.curate.config import CurateConfig
 from gramline.curate.pipeline import curate
-from gramline.data import s3
 from gramline.data.format import STATS
 from gramline.stages.common import emit_executor_output, run_stage, stage_parser
 
@@ -30,8 +30,8 @@ STAGE = "curate"
 def dataset_metadata(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The output artifact's metadata for KFP: split sizes, the funnel, cluster-size histograms and
     shard sizes."""
-    shard_bytes = {split: [s3.object_size(u) if s3.is_s3_url(u) else os.path.getsize(out_dir / u) for u in urls]
-                   for split, urls in manifest["shards"].items()}
+    shard_bytes = manifest.get("shard_bytes") or {  # S3 publishes record them
+        split: [os.path.getsize(out_dir / u) for u in urls] for split, urls in manifest["shards"].items()}
     stats = json.loads((out_dir / STATS).read_text())
     clusters = stats.get("clusters", {})
     return {
