@@ -1,49 +1,106 @@
-"""Multi-crop augmentation speed per core, with PIL blur (ours) against torchvision blur.
+"""Multi-crop augmentation speed per core: gramline against a reference of the official recipe.
 
-    python bench/augment_speed.py [--rounds 5] [--min-seconds 1.0] [--json out.json]
+    python bench/augment_speed.py [--rounds 5] [--min-seconds 2.0] [--json out.json]
 
-Settings: the tiny preset on a 64x64 image, the ViT recipe (224 + 8x96) and the Gram phase
-(224 + 8x96 + Gram crops 448) on a 500x375 image. Both blur variants run interleaved in the same
-process on one thread, so their ratio is meaningful on a noisy shared machine; the median round is
-reported. Also times the blur op alone at 224 and 96 px, and batch mask sampling + collation.
+The reference is an independent torchvision (transforms.v2) composition written from the recipe's
+description of `DataAugmentationDINO` (shared/reference/dinov3_recipe.md §4; the official code is
+not used): per global crop RandomResizedCrop(224, scale (0.32, 1), bicubic), horizontal flip,
+ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2, 9x9 Gaussian blur σ in [0.1, 2] with
+p 1.0 (first) and 0.1 (second) and solarize p 0.2 (second); 8 local crops RandomResizedCrop(96,
+scale (0.05, 0.32)) with blur p 0.5; ToImage + ToDtype + Normalize. Both decode the JPEG bytes
+(the reference with PIL `Image.open(...).convert("RGB")`, as the official loader does).
+
+Procedural JPEGs (smooth noise, shapes and grain; quality 90) at 500x375 and 4000x3000. Variants
+run interleaved call by call in one process on one thread, so load from other processes hits all
+alike; the ratio of each round is taken and the median reported. Also: gramline with deferred photometrics
+(what the data workers do when the GPU finishes the crops), the per-op times of the photometric
+ops against the PIL/torchvision ops used before, and on CUDA the GPU finishing rate. The ratios
+are printed last.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import time
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from torchvision.transforms import InterpolationMode, v2
 
-from gramline.data.augment import BLUR_KERNEL, MultiCropAugment, pil_gaussian_blur
+from gramline.data import photometric as P
+from gramline.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
 from gramline.data.collate import collate_crops
 from gramline.data.config import CropsConfig, MaskingConfig
-from gramline.train.recipes.dino.config import load_pretrain_config
+
+# ------------------------------------------------------------------------------ the reference
 
 
-class TorchvisionBlurAugment(MultiCropAugment):
-    """The same pipeline with torchvision's 9x9 GaussianBlur, as the official code uses."""
+def reference_crop(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
+    """One crop of the official recipe, from its description."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if blur_p > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
 
-    def _blur(self, img: Image.Image, sigma: float, scale: float) -> Image.Image:
-        s = sigma * scale
-        return TF.gaussian_blur(img, [BLUR_KERNEL, BLUR_KERNEL], [s, s])
+
+class ReferenceAugment:
+    """2 global + n local crops of a decoded image, the official recipe's transforms (intended blur)."""
+
+    def __init__(self, crops: CropsConfig) -> None:
+        self.global_1 = reference_crop(crops.global_size, crops.global_scale, 1.0, 0.0)
+        self.global_2 = reference_crop(crops.global_size, crops.global_scale, 0.1, 0.2)
+        self.local = reference_crop(crops.local_size, crops.local_scale, 0.5, 0.0)
+        self.n_local = crops.n_local
+
+    def __call__(self, data: bytes) -> list[torch.Tensor]:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return [self.global_1(image), self.global_2(image)] + [self.local(image) for _ in range(self.n_local)]
 
 
-def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+# ------------------------------------------------------------------------------ inputs
+
+
+def procedural_photo(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour noise, random shapes and grain: structure at every scale, like a photograph."""
     rng = np.random.default_rng(seed)
-    low = (rng.random((height // 6 + 1, width // 6 + 1, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
+    low = (rng.random((max(2, height // 40), max(2, width // 40), 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
+        w, h = rng.uniform(0.02, 0.3) * width, rng.uniform(0.02, 0.3) * height
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(max(1.0, width / 1000)))
+    grain = rng.normal(0, 6, (height, width, 1))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ timing
 
 
 def rate(fn: Callable[[int], object], min_seconds: float) -> float:
-    """Calls per second of fn(seed) over at least min_seconds (new seed each call)."""
+    """Calls per second of fn(i) over at least min_seconds (new i each call)."""
     n, start = 0, time.perf_counter()
     while True:
         fn(n)
@@ -53,83 +110,146 @@ def rate(fn: Callable[[int], object], min_seconds: float) -> float:
             return n / elapsed
 
 
-def bench_setting(name: str, crops: CropsConfig, image: Image.Image, rounds: int,
-                  min_seconds: float) -> dict[str, object]:
-    n_crops = 2 + crops.n_local + (2 if crops.gram_size else 0)
-    variants = {"pil": MultiCropAugment(crops), "torchvision": TorchvisionBlurAugment(crops)}
-    for aug in variants.values():  # warm up
-        aug(image, 0)
+def interleaved(variants: dict[str, Callable[[int], object]], rounds: int, min_seconds: float,
+                label: str) -> dict[str, list[float]]:
+    """Per-round rates of each variant. The variants take turns call by call (each call timed on
+    its own), so a change of load from other processes hits all of them alike; a round ends when
+    every variant has run for min_seconds."""
+    for fn in variants.values():
+        fn(0)  # warm up
     per_round: dict[str, list[float]] = {k: [] for k in variants}
+    i = 0
     for r in range(rounds):
-        for key, aug in variants.items():
-            per_round[key].append(rate(partial(aug, image), min_seconds))
-        print(f"  {name}: round {r + 1}/{rounds}  pil {per_round['pil'][-1]:.1f} img/s  "
-              f"torchvision {per_round['torchvision'][-1]:.1f} img/s", flush=True)
-    pil = statistics.median(per_round["pil"])
-    tv = statistics.median(per_round["torchvision"])
-    ratios = [p / t for p, t in zip(per_round["pil"], per_round["torchvision"])]
+        spent = dict.fromkeys(variants, 0.0)
+        calls = 0
+        while min(spent.values()) < min_seconds:
+            for key, fn in variants.items():
+                start = time.perf_counter()
+                fn(i)
+                spent[key] += time.perf_counter() - start
+            calls += 1
+            i += 1
+        for key in variants:
+            per_round[key].append(calls / spent[key])
+        shown = "  ".join(f"{k} {v[-1]:.2f}/s" for k, v in per_round.items())
+        print(f"  {label}: round {r + 1}/{rounds}  {shown}", flush=True)
+    return per_round
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return round(statistics.median(x / y for x, y in zip(a, b, strict=True)), 2)
+
+
+def bench_images(name: str, crops: CropsConfig, images: list[bytes], rounds: int,
+                 min_seconds: float) -> dict[str, object]:
+    ours = MultiCropAugment(crops)
+    deferred = MultiCropAugment(crops, defer_photometrics=True)
+    reference = ReferenceAugment(crops)
+    n = len(images)
+    variants = {
+        "gramline": lambda i: ours(images[i % n], seed=i),
+        "gramline_deferred": lambda i: deferred(images[i % n], seed=i),
+        "reference": lambda i: reference(images[i % n]),
+    }
+    torch.manual_seed(0)
+    rates = interleaved(variants, rounds, min_seconds, name)
     return {
         "setting": name,
-        "image": list(image.size),
-        "crops_per_image": n_crops,
-        "pil_images_per_s": round(pil, 2),
-        "pil_crops_per_s": round(pil * n_crops, 1),
-        "torchvision_images_per_s": round(tv, 2),
-        "torchvision_crops_per_s": round(tv * n_crops, 1),
-        "pil_over_torchvision_speedup": round(statistics.median(ratios), 2),
+        "images_per_s": {k: round(statistics.median(v), 2) for k, v in rates.items()},
+        "gramline_over_reference": median_ratio(rates["gramline"], rates["reference"]),
+        "gramline_deferred_over_reference": median_ratio(rates["gramline_deferred"], rates["reference"]),
     }
 
 
-def bench_blur_op(size: int, rounds: int, min_seconds: float) -> dict[str, object]:
-    """The blur alone on one crop, σ drawn from the recipe's [0.1, 2]."""
-    img = smooth_image(size, size)
-    sigmas = np.random.default_rng(0).uniform(0.1, 2.0, 1024)
-    pil: list[float] = []
-    tv: list[float] = []
-    for _ in range(rounds):  # interleaved, so load changes hit both alike
-        pil.append(rate(lambda i: pil_gaussian_blur(img, sigmas[i % 1024]), min_seconds / 2))
-        tv.append(rate(lambda i: TF.gaussian_blur(img, [BLUR_KERNEL] * 2, [sigmas[i % 1024]] * 2), min_seconds / 2))
-    return {"setting": f"blur op on a {size}x{size} crop", "pil_blurs_per_s": round(statistics.median(pil), 1),
-            "torchvision_blurs_per_s": round(statistics.median(tv), 1),
-            "pil_over_torchvision_speedup": round(statistics.median(pil) / statistics.median(tv), 2)}
+def bench_ops(size: int, rounds: int, min_seconds: float) -> dict[str, object]:
+    """Microseconds per photometric op on one crop: gramline's array op and the PIL/torchvision op
+    the augmentation used before (through torchvision.transforms.functional on PIL images)."""
+    pil = procedural_photo(size, size, 1)
+    arr = np.asarray(pil)
+    sigmas = [float(s) for s in np.random.default_rng(0).uniform(0.1, 2.0, 1024)]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def before_to_tensor(_: int) -> torch.Tensor:
+        return (torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div_(255) - mean) / std
+
+    def after_to_tensor(_: int) -> torch.Tensor:
+        x = torch.from_numpy(arr[None]).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        return x.mul_(1 / (255 * std)).sub_(mean / std)
+
+    pairs: dict[str, tuple[Callable[[int], object], Callable[[int], object]]] = {
+        "resize (bicubic, from a box)": (
+            lambda i: pil.resize((size, size), Image.Resampling.BICUBIC, box=(3, 5, size * 0.8, size * 0.9)),
+            lambda i: pil.resize((size, size), Image.Resampling.BICUBIC, box=(3, 5, size * 0.8, size * 0.9))),
+        "brightness": (lambda i: TF.adjust_brightness(pil, 1.2), lambda i: P.adjust_brightness(arr, 1.2)),
+        "contrast": (lambda i: TF.adjust_contrast(pil, 1.2), lambda i: P.adjust_contrast(arr, 1.2)),
+        "saturation": (lambda i: TF.adjust_saturation(pil, 1.1), lambda i: P.adjust_saturation(arr, 1.1)),
+        "hue": (lambda i: TF.adjust_hue(pil, 0.05), lambda i: P.adjust_hue(arr, 0.05)),
+        "grayscale": (lambda i: pil.convert("L").convert("RGB"), lambda i: P.to_grayscale(arr)),
+        "blur (PIL before)": (lambda i: pil.filter(ImageFilter.GaussianBlur(sigmas[i % 1024])),
+                              lambda i: P.gaussian_blur(arr, sigmas[i % 1024])),
+        "solarize": (lambda i: ImageOps.solarize(pil, 128), lambda i: P.solarize(arr)),
+        "to tensor + normalise": (before_to_tensor, after_to_tensor),
+    }
+    out: dict[str, object] = {}
+    for op, (before, after) in pairs.items():
+        rates = interleaved({"before": before, "after": after}, rounds, min_seconds / 4, f"{op} {size}px")
+        out[op] = {"before_us": round(1e6 / statistics.median(rates["before"]), 1),
+                   "after_us": round(1e6 / statistics.median(rates["after"]), 1),
+                   "speedup": median_ratio(rates["after"], rates["before"])}
+    return {"setting": f"photometric ops on a {size}x{size} crop", "ops": out}
 
 
-def bench_collate(min_seconds: float) -> dict[str, object]:
-    cfg = load_pretrain_config("vits16")
-    aug = MultiCropAugment(cfg.crops)
-    items = [aug(smooth_image(500, 375, i), i) for i in range(32)]
-    masks_rate = rate(lambda s: collate_crops(items, 16, MaskingConfig(), s), min_seconds)
-    return {"setting": "collate 32 images (224+8x96), masks on 14x14", "batches_per_s": round(masks_rate, 1)}
+def bench_device(crops: CropsConfig, images: list[bytes], min_seconds: float) -> dict[str, object]:
+    """Crops per second of the deferred photometrics finished on the GPU (batch of 64 images)."""
+    aug = MultiCropAugment(crops, defer_photometrics=True)
+    items = [aug(images[i % len(images)], seed=i) for i in range(64)]
+    batch = collate_crops(items, 16, MaskingConfig(), seed=0)
+    batch.to("cuda")
+    torch.cuda.synchronize()
+
+    def finish(_: int) -> None:
+        batch.to("cuda")
+        torch.cuda.synchronize()
+
+    per_s = rate(finish, min_seconds)
+    return {"setting": "GPU photometrics, 64 images 224+8x96", "crops_per_s": round(per_s * 64 * (2 + crops.n_local))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--skip-ops", action="store_true", help="only the whole-image comparison")
     args = parser.parse_args()
     torch.set_num_threads(1)  # per-core numbers
 
-    tiny = load_pretrain_config("tiny").crops
     vit = CropsConfig(global_size=224, local_size=96, n_local=8)
-    settings = [
-        ("tiny preset 48+4x24 on 64x64", tiny, smooth_image(64, 64)),
-        ("ViT 224+8x96 on 500x375", vit, smooth_image(500, 375)),
-        ("ViT 224+8x96 + Gram 448 on 500x375", vit.model_copy(update={"gram_size": 448}), smooth_image(500, 375)),
-    ]
+    print("making JPEGs ...", flush=True)
+    small = [jpeg(procedural_photo(500, 375, s)) for s in range(16)]
+    large = [jpeg(procedural_photo(4000, 3000, s)) for s in range(2)]
     results = []
-    for name, crops, image in settings:
+    for name, images in (("2x224+8x96 on 500x375 JPEGs", small), ("2x224+8x96 on 4000x3000 JPEGs", large)):
         print(f"{name} ...", flush=True)
-        results.append(bench_setting(name, crops, image, args.rounds, args.min_seconds))
-    for size in (224, 96):
-        print(f"blur op {size} ...", flush=True)
-        results.append(bench_blur_op(size, args.rounds, args.min_seconds))
-    print("collate ...", flush=True)
-    results.append(bench_collate(args.min_seconds))
+        results.append(bench_images(name, vit, images, args.rounds, args.min_seconds))
+    if not args.skip_ops:
+        for size in (224, 96):
+            results.append(bench_ops(size, args.rounds, args.min_seconds))
+    if torch.cuda.is_available():
+        results.append(bench_device(vit, small, args.min_seconds))
+    collate_items = [MultiCropAugment(vit)(small[i % len(small)], seed=i) for i in range(32)]
+    results.append({"setting": "collate 32 images (224+8x96), masks on 14x14", "batches_per_s": round(
+        rate(lambda s: collate_crops(collate_items, 16, MaskingConfig(), s), args.min_seconds / 2), 1)})
 
     print("\nresults (1 thread, median of rounds):")
     for r in results:
         print(json.dumps(r))
+    print("\nratios (gramline / reference, per core, interleaved in this run):")
+    for r in results:
+        if "gramline_over_reference" in r:
+            print(f"  {r['setting']}: {r['gramline_over_reference']}x "
+                  f"(deferred photometrics: {r['gramline_deferred_over_reference']}x)")
     if args.json:
         from gramline.io import write_json_atomic
 

@@ -10,9 +10,11 @@ record (`MultiCropAugment.params`); the record is then applied to the image. The
 (image, seed) therefore gives the same crops in any process or DataLoader worker, and the record
 makes the sampled decisions testable without image statistics.
 
-Crops are processed as PIL images (fast) and converted to normalised tensors at the end. Blur is
-PIL's `ImageFilter.GaussianBlur` (faster than torchvision's: bench/augment_speed.py, docs/data.md),
-with σ mapped to the standard deviation of the recipe's truncated 9x9 kernel so the two agree.
+An encoded JPEG is decoded at the largest DCT reduction the crops allow (`gramline/data/decode.py`);
+the crops are cut and resized with PIL (bicubic), then the photometric ops run on uint8 arrays
+(`gramline/data/photometric.py`) and each crop group becomes one normalised tensor. With deferred
+photometrics the crops stay uint8 and the batch finishes them where it is trained
+(`gramline/data/photometric_batch.py`, through `CropBatch.to`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
 from gramline.data.config import CropsConfig
+from gramline.data.decode import draft_for_crops, open_image
+from gramline.data.params import AugmentParams, Box, ColorJitterOps, CropOps
+from gramline.data.photometric import apply_photometric
 from gramline.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,41 +40,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RATIO = (3 / 4, 4 / 3)
 BLUR_SIGMA = (0.1, 2.0)
-BLUR_KERNEL = 9
-SOLARIZE_THRESHOLD = 128
 # (global 1, global 2, locals): intended recipe, and what the official code applies (its
 # GaussianBlur wrapper in dinov3/data/transforms.py passes 1-p to RandomApply).
 BLUR_P = {"intended": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
 
-Box = tuple[float, float, float, float]
-
 
 @dataclass(frozen=True)
-class ColorJitterOps:
-    order: tuple[int, ...]  # permutation of 0..3: brightness, contrast, saturation, hue
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
+class Pending:
+    """What deferred crops still need: the photometric ops (for the Gram crops only when
+    `gram_photometric`) and normalisation."""
 
-
-@dataclass(frozen=True)
-class CropOps:
-    """Everything random about one crop."""
-
-    box: Box  # (left, top, right, bottom) in source-image pixels
-    flip: bool
-    jitter: ColorJitterOps | None
-    grayscale: bool
-    blur_sigma: float | None  # σ in output-crop pixels; None = no blur
-    solarize: bool
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    image_size: tuple[int, int]  # (width, height)
-    global_ops: tuple[CropOps, ...]
-    local_ops: tuple[CropOps, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    gram_photometric: bool
 
 
 @dataclass
@@ -81,6 +63,7 @@ class CropSet:
     global_boxes: list[Box]
     global_flips: list[bool]
     ops: AugmentParams
+    pending: Pending | None = None  # set when the crops are uint8 and still need photometrics
 
 
 def random_resized_crop_box(
@@ -108,33 +91,24 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def effective_blur_sigma(sigma: float, kernel_size: int = BLUR_KERNEL) -> float:
-    """Standard deviation of the discrete Gaussian kernel of `kernel_size` taps and width `sigma`.
-
-    torchvision truncates the Gaussian to 9x9, which narrows it for large σ (σ=2 → 1.85); PIL's
-    blur has unbounded support, so it gets this σ to blur the same amount."""
-    half = kernel_size // 2
-    x = np.arange(-half, half + 1, dtype=np.float64)
-    k = np.exp(-(x**2) / (2 * sigma * sigma))
-    return float(math.sqrt((k * x * x).sum() / k.sum()))
-
-
-def pil_gaussian_blur(img: Image.Image, sigma: float, scale: float = 1.0) -> Image.Image:
-    """The recipe's 9x9 blur of width `sigma`, as it looks on an image `scale` times larger."""
-    return img.filter(ImageFilter.GaussianBlur(effective_blur_sigma(sigma) * scale))
+def checked_image(image: object) -> Image.Image:
+    """`image` checked to be a PIL image (possibly not decoded yet) of at least 1x1 pixels."""
+    if not isinstance(image, Image.Image):
+        raise InputError("image", f"is a {type(image).__name__}", "a PIL.Image.Image or encoded image bytes")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError("image", f"is {width}x{height} pixels", "at least 1x1 pixels")
+    return image
 
 
 def checked_rgb(image: Image.Image) -> Image.Image:
     """The augmentation's input, checked to be a PIL image of at least 1x1 pixels, in RGB (Pillow's
     plain conversion; gramline.data.validate converts source images at curation)."""
-    if not isinstance(image, Image.Image):
-        raise InputError("image", f"is a {type(image).__name__}", "a PIL.Image.Image")
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InputError("image", f"is {width}x{height} pixels", "at least 1x1 pixels")
-    if image.mode == "RGB":
-        return image
+    image = checked_image(image)
     try:
+        if image.mode == "RGB":
+            image.load()  # decodes a lazily opened image here, so a broken one is an InputError
+            return image
         return image.convert("RGB")
     except (ValueError, OSError) as err:
         raise InputError("image", f"mode {image.mode!r} cannot be converted to RGB ({err})",
@@ -145,16 +119,25 @@ class MultiCropAugment:
     """2 global + n local crops (+ Gram-teacher crops) per image, as `DataAugmentationDINO` makes them."""
 
     def __init__(self, crops: CropsConfig, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+                 std: Sequence[float] = IMAGENET_STD, defer_photometrics: bool = False) -> None:
         self.crops = crops
         self.blur_p = BLUR_P[crops.blur_mode]
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.defer_photometrics = defer_photometrics
         # (x/255 - mean)/std as one multiply-subtract
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = mean_t / std_t
+        self._scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self._shift = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0 * self._scale
         # the size every global box is cropped at, so global and Gram crops share geometry
         self._crop_size = max(crops.global_size, crops.gram_size or 0)
+
+    def on_device(self, device: torch.device) -> MultiCropAugment:
+        """This augmentation for training on `device`: photometrics deferred to the batch on the
+        device when `crops.photometrics` is "device", or "auto" and the device is CUDA."""
+        mode = self.crops.photometrics
+        defer = mode == "device" or (mode == "auto" and torch.device(device).type == "cuda")
+        if defer == self.defer_photometrics:
+            return self
+        return MultiCropAugment(self.crops, self.mean, self.std, defer_photometrics=defer)
 
     # ------------------------------------------------------------------ parameter sampling
 
@@ -191,62 +174,55 @@ class MultiCropAugment:
 
     # ------------------------------------------------------------------ application
 
-    def __call__(self, image: Image.Image, seed: int) -> CropSet:
-        image = checked_rgb(image)
+    def __call__(self, image: Image.Image | bytes, seed: int) -> CropSet:
+        """The crops of `image` (a PIL image, or encoded bytes: a JPEG is then decoded at reduced
+        size when every crop allows it) for `seed`."""
+        image = checked_image(open_image(image))
         ops = self.params(image.size, seed)
         c = self.crops
-        global_crops, gram_crops = [], []
+        needs = [(op.box[2] - op.box[0], op.box[3] - op.box[1], self._crop_size) for op in ops.global_ops]
+        needs += [(op.box[2] - op.box[0], op.box[3] - op.box[1], c.local_size) for op in ops.local_ops]
+        reduction = draft_for_crops(image, needs)
+        image = checked_rgb(image)
+        global_arrays, gram_arrays = [], []
         for op in ops.global_ops:
-            base = self._geometry(image, op, self._crop_size)
+            base = self._geometry(image, op, self._crop_size, reduction)
             g = base if self._crop_size == c.global_size else base.resize((c.global_size,) * 2, Image.Resampling.BICUBIC)
-            global_crops.append(self._to_tensor(self._photometric(g, op, 1.0)))
+            global_arrays.append(self._photometric(np.asarray(g), op, 1.0))
             if c.gram_size is not None:
                 gram = base if self._crop_size == c.gram_size else base.resize((c.gram_size,) * 2, Image.Resampling.BICUBIC)
+                gram_array = np.asarray(gram)
                 if not c.gram_no_distortions:
-                    gram = self._photometric(gram, op, c.gram_size / c.global_size)
-                gram_crops.append(self._to_tensor(gram))
-        local_crops = [self._to_tensor(self._photometric(self._geometry(image, op, c.local_size), op, 1.0))
-                       for op in ops.local_ops]
+                    gram_array = self._photometric(gram_array, op, c.gram_size / c.global_size)
+                gram_arrays.append(gram_array)
+        local_arrays = [self._photometric(np.asarray(self._geometry(image, op, c.local_size, reduction)), op, 1.0)
+                        for op in ops.local_ops]
         return CropSet(
-            global_crops=global_crops,
-            local_crops=local_crops,
-            gram_crops=gram_crops if c.gram_size is not None else None,
+            global_crops=self._tensors(global_arrays),
+            local_crops=self._tensors(local_arrays),
+            gram_crops=self._tensors(gram_arrays) if c.gram_size is not None else None,
             global_boxes=[op.box for op in ops.global_ops],
             global_flips=[op.flip for op in ops.global_ops],
             ops=ops,
+            pending=Pending(self.mean, self.std, not c.gram_no_distortions) if self.defer_photometrics else None,
         )
 
     @staticmethod
-    def _geometry(image: Image.Image, op: CropOps, size: int) -> Image.Image:
-        out = image.resize((size, size), Image.Resampling.BICUBIC, box=op.box)
+    def _geometry(image: Image.Image, op: CropOps, size: int, reduction: int) -> Image.Image:
+        left, top, right, bottom = (v / reduction for v in op.box)  # the box in decoded pixels
+        out = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, right, bottom))
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if op.flip else out
 
-    def _photometric(self, img: Image.Image, op: CropOps, blur_scale: float) -> Image.Image:
-        """Colour jitter, grayscale, blur, solarize in the recipe's order; `blur_scale` turns σ
-        (in global-crop pixels) into this image's pixels, so a larger Gram crop gets the same blur."""
-        if op.jitter is not None:
-            j = op.jitter
-            for fn in j.order:
-                if fn == 0:
-                    img = TF.adjust_brightness(img, j.brightness)
-                elif fn == 1:
-                    img = TF.adjust_contrast(img, j.contrast)
-                elif fn == 2:
-                    img = TF.adjust_saturation(img, j.saturation)
-                else:
-                    img = TF.adjust_hue(img, j.hue)
-        if op.grayscale:
-            img = img.convert("L").convert("RGB")
-        if op.blur_sigma is not None:
-            img = self._blur(img, op.blur_sigma, blur_scale)
-        if op.solarize:
-            img = ImageOps.solarize(img, SOLARIZE_THRESHOLD)
-        return img
+    def _photometric(self, img: np.ndarray, op: CropOps, blur_scale: float) -> np.ndarray:
+        return img if self.defer_photometrics else apply_photometric(img, op, blur_scale)
 
-    def _blur(self, img: Image.Image, sigma: float, scale: float) -> Image.Image:
-        return pil_gaussian_blur(img, sigma, scale)
-
-    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
-        t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-        t = t.to(torch.float32, memory_format=torch.contiguous_format)
-        return t.mul_(self._scale).sub_(self._shift)
+    def _tensors(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 H x W x 3 crops of one size → [3, H, W] tensors: uint8 when deferred, else
+        normalised float32, converted as one stack."""
+        if not arrays:
+            return []
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        if self.defer_photometrics:
+            return list(x.contiguous().unbind(0))
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        return list(x.mul_(self._scale).sub_(self._shift).unbind(0))

@@ -11,6 +11,7 @@ import torch
 from gramline.data.augment import CropSet
 from gramline.data.config import MaskingConfig
 from gramline.data.masking import sample_batch_masks
+from gramline.data.photometric_batch import BatchOps, DeferredOps
 from gramline.errors import InputError
 
 
@@ -23,6 +24,8 @@ class CropBatch:
     gram_crops: torch.Tensor | None  # [n_g*B, 3, Gg, Gg]
     masks: torch.Tensor  # [n_g*B, N] bool, True = masked patch of the student's global crop
     batch_size: int
+    # set when the crops are uint8 with their photometrics still to run: `to(device)` runs them there
+    deferred: DeferredOps | None = None
 
     @property
     def n_global(self) -> int:
@@ -37,7 +40,15 @@ class CropBatch:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CropBatch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The batch on `device`; deferred photometrics are run there, so the result is always the
+        normalised float32 crops."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        if self.deferred is None:
+            return moved
+        global_crops, local_crops, gram_crops = self.deferred.to(device, non_blocking).finish(
+            moved.global_crops, moved.local_crops, moved.gram_crops)
+        return replace(moved, global_crops=global_crops, local_crops=local_crops, gram_crops=gram_crops,
+                       deferred=None)
 
     def pin_memory(self) -> CropBatch:
         """Called by DataLoader(pin_memory=True) on custom batch types."""
@@ -69,7 +80,7 @@ def collate_crops(items: Sequence[CropSet], patch_size: int, masking: MaskingCon
     if items[0].local_crops:
         local_crops = _stack_crop_major([it.local_crops for it in items], "local crops")
     else:
-        local_crops = torch.empty(0, 3, 0, 0)
+        local_crops = torch.empty(0, 3, 0, 0, dtype=global_crops.dtype)
     gram_crops = None
     if items[0].gram_crops is not None:
         if any(it.gram_crops is None for it in items):
@@ -79,4 +90,19 @@ def collate_crops(items: Sequence[CropSet], patch_size: int, masking: MaskingCon
     n_masks = global_crops.shape[0] // batch_size * (mask_batch_size or batch_size)
     masks = sample_batch_masks(n_masks, grid, masking.sample_probability, masking.min_ratio,
                                masking.max_ratio, rng=np.random.default_rng(seed))
-    return CropBatch(global_crops, local_crops, gram_crops, torch.from_numpy(masks), batch_size)
+    return CropBatch(global_crops, local_crops, gram_crops, torch.from_numpy(masks), batch_size,
+                     _deferred_ops(items))
+
+
+def _deferred_ops(items: Sequence[CropSet]) -> DeferredOps | None:
+    """The crop-major per-row ops of a batch of deferred CropSets (None when they are finished)."""
+    pending = items[0].pending
+    if pending is None:
+        if any(it.pending is not None for it in items):
+            raise InputError("crops", "are partly finished", "photometrics deferred for all images or none")
+        return None
+    n_global, n_local = len(items[0].ops.global_ops), len(items[0].ops.local_ops)
+    global_ops = [it.ops.global_ops[c] for c in range(n_global) for it in items]
+    local_ops = [it.ops.local_ops[c] for c in range(n_local) for it in items]
+    return DeferredOps(BatchOps.of(global_ops), BatchOps.of(local_ops),
+                       BatchOps.of(global_ops) if pending.gram_photometric else None, pending.mean, pending.std)

@@ -23,6 +23,9 @@ class CropsConfig(Strict):
     solarize_p: float = 0.2
     gram_size: int | None = None  # side of the Gram teacher's crops (None: no Gram crops)
     gram_no_distortions: bool = True
+    # where colour jitter, grayscale, blur, solarize and normalisation run: "cpu" in the data
+    # workers, "device" batched on the training device, "auto" on the device when it is CUDA
+    photometrics: Literal["auto", "cpu", "device"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> CropsConfig:

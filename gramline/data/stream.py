@@ -37,7 +37,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     numbered i, i+W, i+2W, ... counted from start_position. With the DataLoader's `batch_size`
     equal to this `batch_size` (1 when the DataLoader does not batch), the DataLoader returns the
     rank's sequence in order, whatever the number of workers. Each worker reads only the samples
-    it yields (others are skipped at the tar-member level, never decoded).
+    it yields (others are skipped at the tar-member level, never decoded). With
+    `decode_images=False` a sample's image stays its encoded bytes, for a transform that decodes it
+    itself (the training augmentation decodes a JPEG only at the size its crops need).
 
     `share=(i, n)` makes this stream one of n readers of the same sequence: it yields the blocks
     i, i+n, i+2n, ... (then split between its workers as above). With world_size=1 and one reader
@@ -59,6 +61,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         shard_counts: list[int] | None = None,
         transform: Callable[[dict], Any] | None = None,
         share: tuple[int, int] = (0, 1),
+        decode_images: bool = True,
     ) -> None:
         super().__init__()
         if not shard_urls:
@@ -75,6 +78,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed, self.mode, self.rank, self.world_size = int(seed), mode, rank, world_size
         self.shuffle_buffer, self.batch_size, self.start_position = shuffle_buffer, batch_size, start_position
         self.transform = transform
+        self.decode_images = decode_images
         if not 0 <= share[0] < share[1]:
             raise InputError("share", f"is {share}", "(i, n) with 0 <= i < n")
         self.share = (int(share[0]), int(share[1]))
@@ -199,9 +203,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise InputError(f"shard {url}", f"has fewer samples than the {len(want)} expected",
                                  "the sample count recorded in the manifest")
 
-    @staticmethod
-    def _decode(raw: dict[str, Any], index: int) -> dict[str, Any]:
+    def _decode(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
         meta = json.loads(raw["json"]) if "json" in raw else {}
-        return {"key": raw["__key__"], "image": decode_image(image_member(raw)),
+        member = image_member(raw)
+        return {"key": raw["__key__"], "image": decode_image(member) if self.decode_images else member,
                 "label": int(meta.get("label", -1)),
                 "caption": raw["txt"].decode() if "txt" in raw else None, "index": int(index)}

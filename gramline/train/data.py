@@ -87,7 +87,7 @@ def batch_source(info: DatasetInfo, config: CropTrainingConfig, env: DistEnv,
     batch_size = config.train.batch_size
     seed = config.train.seed
     patch_size = config.patch_size
-    augments = list(augments) if augments is not None else [MultiCropAugment(config.crops)]
+    augments = [a.on_device(env.device) for a in (augments or [MultiCropAugment(config.crops)])]
     info.shard_counts("train")  # fails early, naming the dataset, when the train split is empty
     if global_batches:
         reader_rank, readers, share, step_size = 0, 1, (env.rank, env.world_size), batch_size * env.world_size
@@ -102,6 +102,7 @@ def batch_source(info: DatasetInfo, config: CropTrainingConfig, env: DistEnv,
             shuffle_buffer=config.data.shuffle_buffer, batch_size=batch_size,
             start_position=start_step * step_size, share=share,
             transform=AugmentSample(augments, seed, reader_rank, step_size, choose),
+            decode_images=False,  # the augmentation decodes a JPEG only at the size its crops need
         )
         workers = config.data.num_workers
         loader = DataLoader(
