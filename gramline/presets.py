@@ -108,7 +108,8 @@ _PRETRAIN: dict[str, Tree] = {
         "ema": {"momentum": constant(0.994)},
         "data": {"num_workers": 10},
         "train": {"steps": 1_000_000, "batch_size": 16, "checkpoint_every": 1000,
-                  "teacher_checkpoint_every": 12_500, "log_every": 50, "compile": True, "distributed": "fsdp"},
+                  "teacher_checkpoint_every": 12_500, "log_every": 50, "compile": True, "distributed": "fsdp",
+                  "activation_checkpointing": "selective"},
     },
 }
 
@@ -177,7 +178,8 @@ _ANCHOR: dict[str, Tree] = {
 
 
 def _gram(steps: int, ramp: int, refresh_at: list[int], lr: Tree | None, checkpoint_every: int,
-          teacher_every: int, log_every: int) -> Tree:
+          teacher_every: int, log_every: int, checkpointing: str = "full") -> Tree:
+    """Full activation checkpointing, as the recipe's Gram phase (`checkpointing_full`)."""
     return {
         "phase": {"steps": steps, "weight": 2.0, "ramp_steps": ramp, "local_weight": 0.5, "refresh_at": refresh_at,
                   "gram_size_factor": 2.0, "lr": lr},
@@ -185,7 +187,7 @@ def _gram(steps: int, ramp: int, refresh_at: list[int], lr: Tree | None, checkpo
         "crops": {"gram_no_distortions": True},
         "gram": {"enabled": True, "img_level": True, "normalize": True},
         "train": {"checkpoint_every": checkpoint_every, "teacher_checkpoint_every": teacher_every,
-                  "log_every": log_every},
+                  "log_every": log_every, "activation_checkpointing": checkpointing},
     }
 
 
@@ -194,7 +196,7 @@ def _gram(steps: int, ramp: int, refresh_at: list[int], lr: Tree | None, checkpo
 _GRAM_VIT = _gram(25_000, 1000, [1250, 2500, 3750], schedule(1e-6, 2e-4, 2e-4, warmup_steps=1000),
                   checkpoint_every=2500, teacher_every=5000, log_every=50)
 _GRAM: dict[str, Tree] = {
-    "tiny": _gram(40, 10, [20], None, checkpoint_every=20, teacher_every=20, log_every=5),
+    "tiny": _gram(40, 10, [20], None, checkpoint_every=20, teacher_every=20, log_every=5, checkpointing="none"),
     "vits16": _GRAM_VIT,
     "vitb16": _GRAM_VIT,
     "vitl16": _GRAM_VIT,
@@ -217,10 +219,10 @@ _RECIPE_RESOLUTIONS = [
 
 
 def _highres(steps: int, lr_end: float, ramp: int, batch: int, resolutions: list[Tree], checkpoint_every: int,
-             teacher_every: int, log_every: int, img_size: int) -> Tree:
+             teacher_every: int, log_every: int, img_size: int, checkpointing: str = "full") -> Tree:
     """Gram weight 1.5 with a fixed teacher, DINO local weight 0.5, teacher temperature 0.07, momentum
     0.999, WD 0.04, LR a half-cosine ramp 0 → end then constant, no last-layer freeze, KoLeo over
-    groups of 16 samples."""
+    groups of 16 samples, full activation checkpointing."""
     return {
         "phase": {"resolutions": resolutions, "gram_size_factor": 1.5},
         "backbone": {"img_size": img_size},
@@ -231,7 +233,8 @@ def _highres(steps: int, lr_end: float, ramp: int, batch: int, resolutions: list
                   "freeze_last_layer_steps": 0},
         "ema": {"momentum": constant(0.999)},
         "train": {"steps": steps, "batch_size": batch, "checkpoint_every": checkpoint_every,
-                  "teacher_checkpoint_every": teacher_every, "log_every": log_every},
+                  "teacher_checkpoint_every": teacher_every, "log_every": log_every,
+                  "activation_checkpointing": checkpointing},
     }
 
 
@@ -240,7 +243,7 @@ _HIGHRES: dict[str, Tree] = {
     "tiny": _highres(40, 1e-3, 10, 16, [
         {"global_size": 48, "local_size": 24, "weight": 0.5},  # Gram 72 = 1.5 x 48
         {"global_size": 64, "local_size": 32, "weight": 0.5},  # Gram 96
-    ], checkpoint_every=20, teacher_every=20, log_every=5, img_size=64),
+    ], checkpoint_every=20, teacher_every=20, log_every=5, img_size=64, checkpointing="none"),
     "vits16": _HIGHRES_VIT,
     "vitb16": _HIGHRES_VIT,
     "vitl16": _HIGHRES_VIT,
@@ -251,9 +254,9 @@ _HIGHRES: dict[str, Tree] = {
 # --------------------------------------------------------------------------- distill
 # Several students from one frozen teacher (`dinov3_vitl16_lvd1689m_distilled.yaml`): LR a cosine
 # ramp from 0 to its peak over half the run, then constant; WD 0.04; momentum 0.994 -> 1; no
-# drop-path; no last-layer freeze; KoLeo per process. The tiny preset keeps the tiny pretrain's
-# short-run values (LR 2e-3 after 20 steps, momentum 0.95, teacher temperature 0.02, the
-# temperature the tiny teacher was trained with).
+# drop-path; no last-layer freeze; KoLeo per process; full activation checkpointing. The tiny
+# preset keeps the tiny pretrain's short-run values (LR 2e-3 after 20 steps, momentum 0.95,
+# teacher temperature 0.02, the temperature the tiny teacher was trained with).
 
 
 def _distill(students: dict[str, str], steps: int, batch: int, lr_peak: float) -> Tree:
@@ -266,7 +269,7 @@ def _distill(students: dict[str, str], steps: int, batch: int, lr_peak: float) -
         "ema": {"momentum": schedule(0.994, 0.994, 1.0)},
         "data": {"num_workers": 10},
         "train": {"steps": steps, "batch_size": batch, "checkpoint_every": 1250, "teacher_checkpoint_every": 0,
-                  "log_every": 50, "compile": True},
+                  "log_every": 50, "compile": True, "activation_checkpointing": "full"},
     }
 
 

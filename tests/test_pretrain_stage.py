@@ -156,9 +156,13 @@ def test_repeated_nan_losses_abort(small_dataset: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_on_cpu(small_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_torchrun_on_cpu(small_dataset: Path, tmp_path: Path, parallel: str) -> None:
+    """The stage under torchrun, DDP or FSDP2, teacher checkpoints included (under FSDP2 every rank
+    takes part in their export)."""
     out = tmp_path / "model"
-    sets = sum((["--set", o] for o in QUICK + ["train.steps=4", "train.checkpoint_every=2"]), [])
+    sets = sum((["--set", o] for o in QUICK + ["train.steps=4", "train.checkpoint_every=2",
+                                                f"train.distributed={parallel}", "train.teacher_checkpoints=2"]), [])
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "gramline.stages.pretrain", "--dataset", str(small_dataset), "--out-model",
@@ -169,6 +173,9 @@ def test_two_process_torchrun_on_cpu(small_dataset: Path, tmp_path: Path) -> Non
     assert manifest["step"] == 4
     state = out / "state" / "step-00000004"
     assert (state / "rank-0.pt").is_file() and (state / "rank-1.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["teacher-00000002", "teacher-00000004"]
+    final, last = (load_file(str(d / "backbone.safetensors")) for d in (out, out / "checkpoints" / "teacher-00000004"))
+    assert all(torch.equal(final[k], last[k]) for k in final)  # the step-4 checkpoint is the exported teacher
     # global batch = 2 ranks x 8: the sqrt LR scaling used 16
     lr = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     config = load_pretrain_config("tiny", overrides=QUICK)

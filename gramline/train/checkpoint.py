@@ -154,8 +154,9 @@ class Checkpointer:
 
     def load(self, path: Path, parts: Mapping[str, Stateful], optional: Iterable[str] = ()) -> tuple[int, dict]:
         """Load `parts` from checkpoint `path`; a part named in `optional` may be absent from it.
-        Returns (step, this rank's state)."""
-        state = read_model_state(path, self.upgrade)
+        Returns (step, this rank's state). The files are memory-mapped: the ranks of a node share one
+        copy in the page cache, and under FSDP2 each reads only the pages of its own shards."""
+        state = read_model_state(path, self.upgrade, mmap=True)
         stored: dict[str, str] = state.get("stored", {})
         available = [k for k in state if k not in ("layout", "step", "stored")] + list(stored)
         missing = [name for name in parts if name not in available and name not in set(optional)]
@@ -168,7 +169,8 @@ class Checkpointer:
                 part.load_state_dict(state[name])
             elif name in stored:
                 if stored[name] not in files:
-                    files[stored[name]] = torch.load(Path(path) / stored[name], map_location="cpu", weights_only=True)
+                    files[stored[name]] = torch.load(Path(path) / stored[name], map_location="cpu", weights_only=True,
+                                                     mmap=True)
                 part.load_state_dict(files[stored[name]][name])
         rank_file = Path(path) / f"rank-{self.rank}.pt"
         if not rank_file.is_file():

@@ -44,6 +44,9 @@ class TrainConfig(Strict):
     log_every: int = 10
     max_nan_steps: int = 2  # consecutive non-finite losses tolerated (those steps are skipped)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # per transformer block: none; selective (matrix-product and attention outputs kept, the rest
+    # recomputed in backward); full (only the block's input kept)
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @model_validator(mode="after")
     def _positive(self) -> TrainConfig:

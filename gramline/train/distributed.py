@@ -83,27 +83,60 @@ def barrier() -> None:
         dist.barrier()
 
 
-def parallelize(model: nn.Module, env: DistEnv, mode: str, compile_blocks: bool,
-                also_shard: Sequence[nn.Module] = (), group: dist.ProcessGroup | None = None,
-                group_size: int | None = None) -> nn.Module:
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Compile each transformer block and each head in place (`torch.compile`), as the recipe does."""
+    for block in model.backbone.vit.blocks:
+        block.compile()
+    for head in model.heads().values():
+        head.compile()
+
+
+def shard(module: nn.Module, param_dtype: torch.dtype | None = None, inference: bool = False) -> None:
+    """FSDP2 in place over the world: each transformer block, each head and the backbone's own
+    parameters (patch embedding, tokens, norm) are their own units, then the root. `module` is a
+    model with `backbone` and `heads()` or a bare backbone. `param_dtype` (bf16 on CUDA) is the
+    compute dtype; gradients are reduced in fp32. `inference`: every unit, the root included, frees
+    its gathered parameters right after forward (FSDP2 otherwise keeps the root's for backward)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    options = {"mp_policy": policy, **({"reshard_after_forward": True} if inference else {})}
+    backbone = getattr(module, "backbone", module)
+    for block in backbone.vit.blocks:
+        fully_shard(block, **options)
+    for head in module.heads().values() if hasattr(module, "heads") else ():
+        fully_shard(head, **options)
+    if backbone is not module:
+        fully_shard(backbone, **options)
+    fully_shard(module, **options)
+    register_fsdp_forward_method(backbone, "forward_group")  # teachers call it directly
+
+
+def param_dtype(env: DistEnv, autocast_dtype: torch.dtype | None) -> torch.dtype | None:
+    """FSDP2's compute dtype: the autocast dtype on CUDA (bf16 parameters, fp32 reduction), else none."""
+    return autocast_dtype if env.device.type == "cuda" else None
+
+
+def parallelize(model: nn.Module, env: DistEnv, mode: str, compile: bool, also_shard: Sequence[nn.Module] = (),
+                group: dist.ProcessGroup | None = None, group_size: int | None = None,
+                dtype: torch.dtype | None = None) -> nn.Module:
     """The module to call in the training forward: `model` itself on one process (or a group of
-    one) or under FSDP2 (then `model` and `also_shard` are sharded block by block in place), else
-    DDP around it over `group` (default: the world, of `group_size` ranks). `compile_blocks`
-    compiles each transformer block and head (`torch.compile`)."""
-    if compile_blocks:
-        for block in model.backbone.vit.blocks:
-            block.compile()
-        for head in model.heads().values():
-            head.compile()
+    one) or under FSDP2 (then `model` and `also_shard`, its EMA teacher, are sharded in place, see
+    `shard`), else DDP around it over `group` (default: the world, of `group_size` ranks).
+    `compile`: each block and head of `model` is compiled first."""
+    if compile:
+        compile_blocks(model)
     if (group_size if group_size is not None else env.world_size) <= 1:
         return model
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for module in (model, *also_shard):
-            for block in module.backbone.vit.blocks:
-                fully_shard(block)
-            fully_shard(module)
+            shard(module, dtype)
         return model
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False,

@@ -3,8 +3,9 @@
 Each group carries `lr_mult`, `wd_mult`, `is_last_layer` and possibly `is_backbone`
 (gramline.train.param_groups); a step's `OptimizerValues` give the base LR and weight decay, the
 factor on the prototype layers (0 while they are frozen) and on the backbone (0 while new heads warm
-up on a loaded backbone: AdamW with LR 0 leaves a parameter exactly as it is). Gradients are clipped per module (DINOv3 clips the backbone and each head
-separately). Its state dict is the full (unsharded) optimizer state, the same for DDP and FSDP2.
+up on a loaded backbone: AdamW with LR 0 leaves a parameter exactly as it is). Gradients are clipped
+per module (DINOv3 clips the backbone and each head separately), by the norm over all shards under
+FSDP2. Its state dict is the full (unsharded) optimizer state, the same for DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,10 @@ class ScheduledAdamW:
         for module in self.clip_modules.values():
             params = [p for p in module.parameters() if p.grad is not None]
             if params:
-                nn.utils.clip_grad_norm_(params, self.clip_grad)
+                norm = nn.utils.get_total_norm([p.grad for p in params])
+                if isinstance(norm, DTensor):  # FSDP2: the norm of this rank's shards -> the total over all
+                    norm = norm.full_tensor()
+                nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
 
     def step(self) -> None:
         self.clip_gradients()

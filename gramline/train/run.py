@@ -109,8 +109,8 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
                      meta={"config": dump_config(run.config)},
                      callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
     every = run.train.teacher_every() if run.periodic_exports else 0
-    if every and env.is_main:
-        loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, step) if step % every == 0 else None)
+    if every:  # on every rank: under FSDP2 the export gathers the teacher collectively
+        loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, env, step) if step % every == 0 else None)
     resumed = loop.resume()
     if not resumed and run.take_over is not None:
         take = run.take_over
@@ -133,12 +133,17 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
     return TrainingResult(manifest, metadata)
 
 
-def _teacher_checkpoint(run: TrainingRun, loop: TrainLoop, step: int) -> None:
-    """A complete Model artifact of the teacher at `step` under checkpoints/ (the anchor stage picks one)."""
+def _teacher_checkpoint(run: TrainingRun, loop: TrainLoop, env: DistEnv, step: int) -> None:
+    """A complete Model artifact of the teacher at `step` under checkpoints/ (the anchor stage picks
+    one), written by the main rank; the others only take part in the export's gather."""
+    metrics = final_metrics(loop.last_log, run.recipe.loss_names)
+    record = {"inputs": run.inputs, "checkpoint_of": str(run.out_dir)}
+    if not env.is_main:
+        run.recipe.export(run.out_dir, step, metrics, record)  # writes nothing off the main rank
+        return
     final = run.out_dir / "checkpoints" / f"teacher-{step:08d}"
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
-        run.recipe.export(tmp, step, final_metrics(loop.last_log, run.recipe.loss_names),
-                          {"inputs": run.inputs, "checkpoint_of": str(run.out_dir)})
+        run.recipe.export(tmp, step, metrics, record)
     thin_teacher_checkpoints(run.out_dir, run.train.keep_teacher_checkpoints)
 

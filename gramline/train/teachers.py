@@ -42,6 +42,18 @@ def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor]) -> None
     set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True))
 
 
+def unsharded_copy(module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A plain CPU copy of a sharded `module` on rank 0, `build()`'s architecture holding its full
+    weights (an empty one on the other ranks). Collective: every rank calls it. Built on the meta
+    device, so it neither allocates twice nor draws random numbers."""
+    state = full_state_dict(module)
+    with torch.device("meta"):
+        plain = build()
+    if state:
+        plain.load_state_dict(state, assign=True)
+    return plain
+
+
 class ModulePart:
     """A module as a checkpoint part (its full state dict)."""
 
@@ -88,8 +100,8 @@ class FrozenTeacher:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.module.state_dict(), "refreshes": list(self.refreshes)}
+        return {"weights": full_state_dict(self.module), "refreshes": list(self.refreshes)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.module.load_state_dict(state["weights"], strict=True)
+        load_full_state_dict(self.module, state["weights"])
         self.refreshes = [int(s) for s in state.get("refreshes", [])]

@@ -38,7 +38,7 @@ from gramline.train.recipes.dino.config import DinoConfig, GramStageConfig
 from gramline.train.recipes.dino.model import DinoModel, DinoOutput
 from gramline.train.recipes.dino.schedules import DinoSchedules, PhaseStart
 from gramline.train.runtime import Runtime
-from gramline.train.teachers import EmaTeacher, FrozenTeacher, ModulePart, full_state_dict, update_ema
+from gramline.train.teachers import EmaTeacher, FrozenTeacher, ModulePart, unsharded_copy, update_ema
 
 N_GLOBAL = 2
 LOSS_NAMES = ("dino_local", "dino_global", "ibot", "koleo", "gram")
@@ -135,19 +135,25 @@ class DinoRecipe:
                 raise RuntimeError(f"starting weights do not cover the backbone: missing {loose[:3]}, "
                                    f"unexpected {unexpected[:3]}")
             self._init_student = None
+        self.student.backbone.activation_checkpointing = cfg.train.activation_checkpointing
         self.teacher = EmaTeacher(self.student)
         self.gram_teacher = None
+        dtype = distributed.param_dtype(runtime.env, runtime.autocast_dtype)
         if self._gram_anchor is not None:
-            self.gram_teacher = FrozenTeacher(self._gram_anchor, self._is_refresh_step).to(device)
+            self.gram_teacher = FrozenTeacher(self._gram_anchor, self._is_refresh_step)
+            if cfg.train.distributed == "fsdp" and runtime.env.enabled:  # before the move: only shards go to the GPU
+                distributed.shard(self.gram_teacher.module, dtype, inference=True)
+            self.gram_teacher.to(device)
+        self.forward_student = distributed.parallelize(self.student, runtime.env, cfg.train.distributed,
+                                                       cfg.train.compile, also_shard=[self.teacher.model], dtype=dtype)
         self.global_batch = cfg.train.batch_size * runtime.env.world_size
         self.lr_scale = scaled_lr(1.0, cfg.optim.lr_scaling, self.global_batch)
+        # after sharding: FSDP2 replaces the parameters by their shards, which the optimizer must hold
         groups = build_param_groups(self.student.backbone, self.student.heads(), len(self.student.backbone.vit.blocks),
                                     cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
                                     separate_backbone=cfg.init.head_warmup_steps > 0)
         self.optimizer = ScheduledAdamW(self.student, groups, cfg.optim.betas, cfg.optim.clip_grad,
                                         {"backbone": self.student.backbone, **self.student.heads()}, device)
-        self.forward_student = distributed.parallelize(self.student, runtime.env, cfg.train.distributed,
-                                                       cfg.train.compile, also_shard=[self.teacher.model])
         self.student.train()
 
     @property
@@ -263,16 +269,20 @@ class DinoRecipe:
                   f"(refresh {len(gram.refreshes)})", flush=True)
 
     def _ema_backbone_weights(self) -> dict[str, Tensor]:
-        prefix = "backbone."
-        return {k[len(prefix):]: v for k, v in full_state_dict(self.teacher.model).items() if k.startswith(prefix)}
+        """The EMA backbone's state dict: plain tensors, or under FSDP2 shards laid out as the Gram
+        teacher's (both are sharded over the world), so each rank copies only its own shard."""
+        return self.teacher.model.backbone.state_dict()
 
     # ------------------------------------------------------------------ export
 
     def export(self, directory: Path, step: int, metrics: Mapping[str, float],
                manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The EMA teacher as a Model artifact, written by the main rank."""
+        """The EMA teacher as a Model artifact, written by the main rank (under FSDP2 every rank
+        first gathers the full weights with it)."""
+        teacher = self.teacher.model
+        if distributed.is_sharded(teacher):
+            teacher = unsharded_copy(teacher, lambda: DinoModel(self.config.backbone, self.config.heads))
         if not self.runtime.env.is_main:
             return None
-        teacher = self.teacher.model
         return write_model_artifact(directory, teacher.backbone, teacher.heads(), self.config.backbone, self.config,
                                     self.name, step, metrics, **dict(manifest))

@@ -170,6 +170,7 @@ class DistillRecipe:
             model.load_state_dict(student.init, strict=False)
             student.init = None
         model.backbone.mask_token.requires_grad_(False)  # a student never sees masked input
+        model.backbone.activation_checkpointing = cfg.train.activation_checkpointing
         student.model = model
         student.ema = EmaTeacher(model)
         student.lr_scale = scaled_lr(1.0, student.optim.lr_scaling, global_batch)
