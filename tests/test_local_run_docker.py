@@ -69,6 +69,19 @@ def test_image_runs_stages_as_a_non_root_user_without_an_entrypoint(client: obje
     assert uid != "0" and usage.startswith("usage: python -m gramline.stages.pretrain") and writable == "writable"
 
 
+
+def test_a_directory_under_the_hosts_root_home_is_reachable_by_a_non_root_container(client: object, image: str,
+                                                                                     tmp_path: Path) -> None:
+    """Directories are mounted at their own paths: one under /root (root's own runs) lands below the
+    image's /root, which the container's non-root user must be able to pass through."""
+    (tmp_path / "data.txt").write_text("seen")
+    tmp_path.chmod(0o755)
+    mount = docker.types.Mount("/root/gramline-test/data", str(tmp_path), type="bind", read_only=True)
+    out = client.containers.run(image, ["cat", "/root/gramline-test/data/data.txt"], mounts=[mount], user="65534:65534",
+                                network_mode="host", remove=True).decode()
+    assert out == "seen"
+
+
 @pytest.fixture
 def container_mounts(monkeypatch: pytest.MonkeyPatch) -> list[list[dict]]:
     """The mounts of every container started in this process, as the daemon reports them."""
