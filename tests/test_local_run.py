@@ -208,3 +208,23 @@ def test_a_bad_config_key_inside_the_dag_exits_2_without_warning_noise(tmp_path:
     assert "on a bad input" in done.stderr.splitlines()[-1]
     # kfp.local's per-task notes that CPU/memory settings do nothing on one machine are silenced
     assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("uid", "env", "as_root", "expected"), [
+    (1000, {}, False, (1000, 1000)),                                 # a user: that user
+    (0, {"SUDO_UID": "1001", "SUDO_GID": "1002"}, False, (1001, 1002)),  # root through sudo: the sudo caller
+    (0, {}, False, (65534, 65534)),                                  # root: nobody
+    (0, {"SUDO_UID": "0"}, False, (65534, 65534)),                   # root from root's sudo: still nobody
+    (1000, {}, True, (0, 0)),                                        # --as-root
+])
+def test_containers_never_run_as_root_unless_asked(monkeypatch: pytest.MonkeyPatch, uid: int, env: dict,
+                                                   as_root: bool, expected: tuple) -> None:
+    from gramline.kfp import dockerhost
+
+    monkeypatch.setattr(dockerhost.os, "getuid", lambda: uid)
+    monkeypatch.setattr(dockerhost.os, "getgid", lambda: uid)
+    for name in ("SUDO_UID", "SUDO_GID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert dockerhost.container_user(as_root) == expected
