@@ -53,6 +53,17 @@ def image(client: object) -> str:
     return IMAGE
 
 
+def output_of(client: object, image: str, command: list[str], **kwargs: object) -> str:
+    """A container's stdout, read once it has exited successfully (a log stream attached at its start,
+    as `containers.run` without detach does, can miss a short container's output on a loaded host)."""
+    container = client.containers.run(image, command, network_mode="host", detach=True, **kwargs)
+    try:
+        assert container.wait(timeout=300)["StatusCode"] == 0, container.logs().decode()
+        return container.logs(stdout=True, stderr=False).decode()
+    finally:
+        container.remove(force=True)
+
+
 def gramline(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from gramline.cli import main; main()", *args],
                           check=False, capture_output=True, text=True, cwd=cwd, timeout=timeout)
@@ -63,8 +74,7 @@ def test_image_runs_stages_as_a_non_root_user_without_an_entrypoint(client: obje
     assert not attrs.get("Entrypoint")
     assert attrs["User"] not in ("", "0", "root", "0:0")
     script = "id -u; python -m gramline.stages.pretrain --help | head -1; touch /s3/x /minio/x && echo writable"
-    out = client.containers.run(image, ["sh", "-c", script],
-                                network_mode="host", remove=True).decode()
+    out = output_of(client, image, ["sh", "-c", script])
     uid, usage, writable = out.strip().splitlines()[:3]
     assert uid != "0" and usage.startswith("usage: python -m gramline.stages.pretrain") and writable == "writable"
 
@@ -77,8 +87,7 @@ def test_a_directory_under_the_hosts_root_home_is_reachable_by_a_non_root_contai
     (tmp_path / "data.txt").write_text("seen")
     tmp_path.chmod(0o755)
     mount = docker.types.Mount("/root/gramline-test/data", str(tmp_path), type="bind", read_only=True)
-    out = client.containers.run(image, ["cat", "/root/gramline-test/data/data.txt"], mounts=[mount], user="65534:65534",
-                                network_mode="host", remove=True).decode()
+    out = output_of(client, image, ["cat", "/root/gramline-test/data/data.txt"], mounts=[mount], user="65534:65534")
     assert out == "seen"
 
 
