@@ -4,13 +4,20 @@
   gramline data digits --out DIR                   scikit-learn's handwritten digits as a Dataset
   gramline export --model DIR --to FORMAT --out P  a Model in another layout: transformers (directory P)
                                                    or official (teacher_checkpoint.pth file P)
+  gramline run [--profile P] [--runner R] ...      the compiled pipeline on this machine (kfp.local),
+                                                   as processes or in Docker
+  gramline rerun STAGE --input NAME=PATH ...       one stage of the compiled pipeline on your directories,
+                                                   in its container or as a process
   gramline <stage> ...                             same as `python -m gramline.stages.<stage> ...`
+
+`gramline COMMAND --help` shows a command's options.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,10 +84,16 @@ def _export_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def usage() -> str:
+    """The module docstring plus the stages this build has (a stage module may be absent)."""
+    present = [stage for stage in STAGES if importlib.util.find_spec(f"gramline.stages.{stage}") is not None]
+    return f"{__doc__.rstrip()}\n\nStages: {', '.join(present)}.\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(usage())
         sys.exit(0 if argv else BAD_INPUT_EXIT_CODE)
     command, rest = argv[0], argv[1:]
     try:

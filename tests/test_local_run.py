@@ -228,3 +228,21 @@ def test_containers_never_run_as_root_unless_asked(monkeypatch: pytest.MonkeyPat
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert dockerhost.container_user(as_root) == expected
+
+
+def test_gramline_help_lists_exactly_the_commands_that_answer(tmp_path: Path) -> None:
+    """Every command `gramline --help` names shows its own help (exit 0), and every stage, plus run and
+    rerun, is named."""
+    import re
+
+    from gramline.cli import STAGES
+
+    done = gramline("--help", cwd=tmp_path)
+    assert done.returncode == 0
+    named = set(re.findall(r"^  gramline (\w+)", done.stdout, re.MULTILINE))
+    stages = re.search(r"^Stages: (.*)\.$", done.stdout, re.MULTILINE).group(1).split(", ")
+    assert {"data", "export", "run", "rerun"} <= named and stages == list(STAGES)
+    for command in sorted(named | set(stages)):
+        args = [command, "synth"] if command == "data" else [command]
+        shown = gramline(*args, "--help", cwd=tmp_path)
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (command, shown.stderr[-500:])
