@@ -363,7 +363,10 @@ _CURATE: dict[str, Tree] = {
         "embed": {"backbone": "timm:vit_small_patch16_dinov3", "pretrained": True, "img_size": 224,
                   "batch_size": 256},
         "cluster": {"points_per_leaf": 50, "branching": 10, "n_levels": 4, "n_iter": 50, "n_init": 1,
-                    "resampling_steps": [1, 10, 10, 10]},
+                    "resampling_steps": [1, 10, 10, 10],
+                    # split (approximate) k-means from 1000 clusters on a CPU: minutes instead of
+                    # hours at 1M points (docs/curate.md, "Clustering at scale")
+                    "method": "auto", "clusters_per_group": 50, "nprobe": 4, "approximate_min_clusters": 1000},
         "balance": {"target": 0.5},
         "split": {"eval_fraction": 0.01, "eval_max": 50_000},
         "output": {"max_count": 10_000, "max_bytes": 1 << 30},

@@ -1,20 +1,30 @@
-"""Exact and near-duplicate detection: precision and recall on injected copies, decontamination.
+"""Exact and near-duplicate detection: precision and recall on injected copies, decontamination,
+and the bounded-memory search (a streamed IVF index) against the exact one.
 
 Copies are made here with PIL (resize 40-80 %, JPEG q40-90 re-encode, crop 3-8 % per side, and
-all three together); ground truth is which original each copy came from. Hard negatives: the
-shapes world (many images share a layout: one object on a textured background).
+all three together; recolours); ground truth is which original each copy came from. Hard negatives:
+the shapes world (many images share a layout: one object on a textured background).
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from gramline.curate.dedup import contaminated, descriptor_views, exact_duplicates, near_duplicates
+from gramline.curate.dedup import (
+    ViewChunks,
+    _build_index,
+    contaminated,
+    descriptor_views,
+    exact_duplicates,
+    near_duplicates,
+)
 from gramline.data.synthetic import render_sample
+from gramline.errors import InputError
 
 THRESHOLD = 0.91  # the default dedup.threshold
 
@@ -58,6 +68,12 @@ def make_copy(rng: np.random.Generator, image: Image.Image, kind: str) -> Image.
     if kind in ("jpeg", "all", "resize", "crop"):
         image = jpeg_roundtrip(image, int(rng.integers(40, 90)))
     return image
+
+
+def recolour(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+    """Per-channel gain 0.8-1.2 and offset -20..20, then a JPEG re-encode."""
+    arr = np.asarray(image).astype(np.float64) * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20, 3)
+    return jpeg_roundtrip(Image.fromarray(arr.clip(0, 255).astype(np.uint8)), int(rng.integers(60, 90)))
 
 
 def pair_precision_recall(component: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -121,7 +137,9 @@ def test_exact_duplicates_keep_the_first() -> None:
     assert result.kept.tolist() == [True, True, False, True, False, False]
 
 
-def test_decontamination_flags_train_copies_of_eval_images() -> None:
+@pytest.mark.parametrize("ivf_min_size", [10**9, 1], ids=["exact", "bounded"])
+def test_decontamination_flags_train_copies_of_eval_images(ivf_min_size: int) -> None:
+    """Either side may be the indexed (smaller) one; the bounded index gives the same answer."""
     rng = np.random.default_rng(5)
     eval_images = [scene(rng, 160, 120) for _ in range(20)]
     train_images = [scene(rng, 160, 120) for _ in range(40)]
@@ -134,5 +152,56 @@ def test_decontamination_flags_train_copies_of_eval_images() -> None:
     eval_images.append(big.crop((10, 8, 190, 152)))
     ev = np.stack([descriptor_views(im) for im in eval_images])
     tr = np.stack([descriptor_views(im) for im in train_images])
-    hit = contaminated(tr, ev, 0.9)
+    hit = contaminated(tr, ev, 0.9, ivf_min_size=ivf_min_size)
     assert np.flatnonzero(hit).tolist() == [40, 41, 42, 43]
+    # a train set smaller than the eval set: the train side is indexed instead
+    hit = contaminated(tr[36:], ev, 0.9, ivf_min_size=ivf_min_size)
+    assert np.flatnonzero(hit).tolist() == [4, 5, 6, 7]
+
+
+def _write_chunks(root: Path, views: np.ndarray, chunk: int, rng: np.random.Generator) -> ViewChunks:
+    """Per-chunk float16 `.desc.npy` files as ingest writes them, with random extra rows in each that
+    the selection skips (as split skips images no longer alive): the selection is `views`, in order."""
+    pieces = []
+    for c, start in enumerate(range(0, len(views), chunk)):
+        part = views[start:start + chunk].astype(np.float16)
+        extra = rng.standard_normal((len(part) // 4, *part.shape[1:])).astype(np.float16)
+        stored = np.concatenate([part, extra])
+        order = rng.permutation(len(stored))
+        np.save(root / f"chunk-{c:06d}.desc.npy", stored[order])
+        position = np.argsort(order)[: len(part)]  # where each of `part` landed
+        pieces.append((root / f"chunk-{c:06d}.desc.npy", position))
+    return ViewChunks(pieces)
+
+
+def test_bounded_search_finds_the_same_components_as_exact(collection, tmp_path: Path) -> None:
+    """The streamed IVF-SQ8 index (what runs from `ivf_min_size` on; lowered to 1 here) with exact
+    re-scoring of its candidates gives the components of the exact search, on crops, resizes,
+    re-encodes and recolours read back from per-chunk descriptor files."""
+    images, origin = collection
+    rng = np.random.default_rng(3)
+    recoloured = [recolour(rng, images[i]) for i in range(0, 300, 5)]
+    images, origin = images + recoloured, np.concatenate([origin, origin[:300:5]])
+    views = np.stack([descriptor_views(im) for im in images]).astype(np.float16)
+    area = np.array([im.width * im.height for im in images], dtype=np.float64)
+    exact = near_duplicates(views, THRESHOLD, priority=area, backend="torch", ivf_min_size=10**9)
+    chunks = _write_chunks(tmp_path, views, 64, rng)
+    assert _build_index(chunks, True, "auto", 1, 16).approximate  # the bounded path is what runs
+    bounded = near_duplicates(chunks, THRESHOLD, priority=area, ivf_min_size=1, nprobe=16)
+    assert bounded.n_edges == exact.n_edges > 0
+    assert np.array_equal(bounded.representative, exact.representative)
+    _, recall = pair_precision_recall(bounded.component, origin)
+    assert recall >= 0.95, recall
+    # the recoloured copies are found
+    tail = np.arange(len(images) - len(recoloured), len(images))
+    assert np.mean(bounded.component[tail] == bounded.component[origin[tail]]) >= 0.9
+
+
+def test_descriptor_file_too_short_is_an_input_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "chunk-000000.desc.npy"
+    np.save(path, np.zeros((3, 10, 384), np.float16))
+    with pytest.raises(InputError, match=f"{path}.*3 descriptor rows but row 5"):
+        ViewChunks([(path, np.array([0, 5]))])
+    np.save(path, np.zeros((3, 384), np.float16))
+    with pytest.raises(InputError, match=f"{path}.*shape"):
+        ViewChunks([(path, None)])

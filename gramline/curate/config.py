@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gramline.config import Strict
 from gramline.curate.sources import DEFAULT_PATH_COLUMNS
@@ -45,8 +45,12 @@ class DedupConfig(Strict):
     view_grid: int = 3                # grid x grid sub-views per image for crop robustness
     view_scale: float = 0.9
     backend: Literal["auto", "faiss", "torch"] = "auto"
-    ivf_min_size: int = 20_000        # images from which "auto" searches with faiss IVF (exact below)
-    nprobe: int = 16
+    # indexed vectors from which "auto"/"faiss" search a streamed, bounded-memory faiss IVF-SQ8 index
+    # (exact, all in RAM, below; docs/curate.md "Memory model")
+    ivf_min_size: int = Field(default=20_000, ge=1)
+    nprobe: int = Field(default=16, ge=1)
+    rescore_margin: float = Field(default=0.02, ge=0.0, le=1.0)  # IVF candidates this far below a
+                                                                 # threshold are re-scored exactly
 
 
 class EmbedConfig(Strict):
@@ -64,6 +68,20 @@ class EmbedConfig(Strict):
 
 
 class ClusterConfig(Strict):
+    """Hierarchical k-means with resampling (gramline.curate.cluster). The exact method costs n·k
+    distances per Lloyd iteration, and k grows with n (hours at 1M points on a CPU); the knobs below
+    trade exactness for speed (docs/curate.md, "Clustering at scale"):
+
+    - `method`: "exact" k-means at every level; "approximate" splits a level's points into groups
+      of about `clusters_per_group` clusters with a coarse k-means, runs k-means in each group, then
+      gives every point the nearest centroid of its `nprobe` nearest groups (more probes: closer to
+      exact); "auto" is approximate at levels with at least `approximate_min_clusters` clusters when
+      no CUDA GPU is there (on a GPU exact distances are cheap), exact otherwise.
+    - `sample_per_centroid`: Lloyd's iterations run on a random sample of this many points per
+      cluster, then every point is assigned once; 0 = on all points. On blob-like data the points
+      outside the sample drift to the most-averaged centroids (uneven clusters), hence off by default.
+    """
+
     levels: list[int] = Field(default_factory=list)  # counts lowest→highest; [] = auto from below
     points_per_leaf: int = 20         # auto: level 1 gets n / points_per_leaf clusters
     branching: int = 5                # auto: each level above has 1/branching as many
@@ -73,7 +91,19 @@ class ClusterConfig(Strict):
     resampling_steps: list[int] = Field(default_factory=lambda: [1, 5])  # per level (1 = plain); or one value
     sample_sizes: list[int] = Field(default_factory=list)  # per level; [] = half the mean cluster size
     resample_strategy: Literal["closest", "random"] = "closest"
-    backend: Literal["auto", "faiss", "torch"] = "auto"
+    backend: Literal["auto", "faiss", "torch"] = "auto"  # auto: torch on a CUDA GPU, else faiss
+    method: Literal["auto", "exact", "approximate"] = "auto"
+    clusters_per_group: int = Field(default=50, ge=1)  # approximate: clusters per coarse group
+    nprobe: int = Field(default=4, ge=1)  # approximate: groups searched per point
+    sample_per_centroid: int = 0      # 0 = Lloyd on all points; else >= 4 (see above)
+    approximate_min_clusters: int = Field(default=1000, ge=1)  # auto: approximate from this many clusters
+
+    @field_validator("sample_per_centroid")
+    @classmethod
+    def _sample(cls, value: int) -> int:
+        if value != 0 and value < 4:
+            raise ValueError("must be 0 (all points) or >= 4 points per cluster")
+        return value
 
 
 class BalanceConfig(Strict):
@@ -96,6 +126,25 @@ class OutputConfig(Strict):
     keep_work: bool = False           # keep the work directory after success (debugging)
 
 
+class PartitionConfig(Strict):
+    """How ingest + validate is cut into partitions (gramline.curate.partition): `items` per
+    partition, or else `count` partitions of equal size. `work_root`: a persistent directory
+    (e.g. on a PVC) where partition outputs are kept by plan id, so that a re-run of the pipeline
+    skips the partitions already complete; None = only the run's own artifacts."""
+
+    items: int = Field(default=0, ge=0)   # items per partition; 0 = use `count`
+    count: int = Field(default=1, ge=1)   # partitions when `items` is 0
+    work_root: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> PartitionConfig:
+        if self.items and self.count != 1:
+            raise ValueError(f"set partition.items ({self.items}) or partition.count ({self.count}), not both")
+        if self.work_root is not None and ("://" in self.work_root or not self.work_root.strip()):
+            raise ValueError(f"partition.work_root={self.work_root!r} must be a local directory path")
+        return self
+
+
 class CurateConfig(Strict):
     preset: str = "custom"
     seed: int = 0
@@ -107,6 +156,7 @@ class CurateConfig(Strict):
     balance: BalanceConfig = BalanceConfig()
     split: SplitConfig = SplitConfig()
     output: OutputConfig = OutputConfig()
+    partition: PartitionConfig = PartitionConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> CurateConfig:

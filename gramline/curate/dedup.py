@@ -18,22 +18,32 @@ better; this descriptor sees only layout and colour at low resolution.
 Matches become graph edges; connected components keep one representative (highest caller
 priority, in curation the largest image, then the largest file; ties: earliest), as in the
 deduplication of DINOv2's data pipeline (Oquab et al. 2023, "DINOv2: Learning robust visual
-features without supervision", arXiv 2304.07193, section 3 and appendix A). Search: an exact
-chunked torch matmul, or faiss (IVF from `ivf_min_size` database images on; exact below that when
-asked for explicitly).
+features without supervision", arXiv 2304.07193, section 3 and appendix A).
+
+Search never holds every descriptor (7.7 kB per image as float16) in RAM: the views stay in the
+per-chunk files (`ViewChunks`) and stream through one chunk at a time. Below `ivf_min_size` indexed
+vectors the index is exact (torch matmul, or faiss flat), float32 in RAM; from there on it is a faiss
+IVF index with 8-bit scalar-quantised vectors (392 bytes per indexed vector, Jegou et al. 2011,
+"Product quantization for nearest neighbor search", and the faiss index guidelines), searched
+`rescore_margin` below the threshold; its candidates are re-scored exactly on the stored descriptors,
+so `cosine >= threshold` is decided exactly for every candidate (the IVF probe decides only which
+pairs are looked at). Memory model and numbers: docs/curate.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse
 from PIL import Image
 from scipy.sparse.csgraph import connected_components
+
+from gramline.errors import InputError
 
 LUMA_CELLS, CHROMA_CELLS, CHROMA_WEIGHT = 16, 8, 2.0
 DESCRIPTOR_DIM = LUMA_CELLS**2 + 2 * CHROMA_CELLS**2  # 384
@@ -94,82 +104,208 @@ def descriptor_views(image: Image.Image, grid: int = 3, scale: float = 0.9) -> n
     return (vec / np.maximum(norm, 1e-6)).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- descriptor storage
+
+
+class ViewChunks:
+    """Descriptor views [n, V, D] kept where they are: per-chunk `.npy` files (read one at a time
+    through a memory map, copying only the rows asked for) or in-memory arrays. Each piece is
+    (file or array, rows of it to use; None = all); images are numbered in piece order."""
+
+    def __init__(self, pieces: Sequence[tuple[Path | np.ndarray, np.ndarray | None]]) -> None:
+        self._pieces: list[tuple[Path | np.ndarray, np.ndarray | None]] = []
+        sizes, shape = [], (view_count(3), DESCRIPTOR_DIM)  # the default views, when there are no pieces
+        for source, rows in pieces:
+            array = self._open(source)
+            if array.ndim != 3:
+                raise InputError(str(source), f"descriptor array has shape {array.shape}", "[images, views, dim]")
+            picked = None if rows is None else np.asarray(rows, np.int64).reshape(-1)
+            if picked is not None and len(picked) and not (0 <= picked.min() and picked.max() < len(array)):
+                raise InputError(str(source), f"has {len(array)} descriptor rows but row {picked.max()} is asked for",
+                                 "one row per valid image of the chunk")
+            if len(self._pieces) and array.shape[1:] != shape:
+                raise InputError(str(source), f"descriptor views {array.shape[1:]} differ from {shape}",
+                                 "the same views per image in every chunk")
+            shape = array.shape[1:]
+            self._pieces.append((source, picked))
+            sizes.append(len(array) if picked is None else len(picked))
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        self.n_views, self.dim = int(shape[0]), int(shape[1])
+
+    @staticmethod
+    def _open(source: Path | np.ndarray) -> np.ndarray:
+        return source if isinstance(source, np.ndarray) else np.load(source, mmap_mode="r")
+
+    @classmethod
+    def of(cls, views: np.ndarray | ViewChunks) -> ViewChunks:
+        return views if isinstance(views, ViewChunks) else cls([(np.asarray(views), None)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def blocks(self, max_images: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+        """(first image, float32 [m, V, D]) of at most `max_images` images, in order."""
+        for k, (source, rows) in enumerate(self._pieces):
+            array = self._open(source)  # a memory map, unmapped when the next piece replaces it
+            part = array if rows is None else array[rows]  # only these rows are read
+            for start in range(0, len(part), max_images):
+                yield int(self.offsets[k]) + start, np.asarray(part[start:start + max_images], np.float32)
+
+    def gather(self, images: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """float32 [m, D]: view `views[i]` of image `images[i]`; reads only the pieces concerned."""
+        out = np.empty((len(images), self.dim), np.float32)
+        piece = np.searchsorted(self.offsets, images, side="right") - 1
+        for k in np.unique(piece):
+            sel = np.flatnonzero(piece == k)
+            source, rows = self._pieces[k]
+            local = images[sel] - self.offsets[k]
+            array = self._open(source)
+            out[sel] = array[local if rows is None else rows[local], views[sel]]
+            del array
+        return out
+
+
 # --------------------------------------------------------------------------- search
 
 
 def _faiss_available() -> bool:
     try:
-        import faiss
+        import faiss  # noqa: F401
     except ImportError:
         return False
     return True
 
 
+POINTS_PER_LIST = 20  # IVF training vectors per list (faiss warns below 39; k-means needs far fewer)
 RangeFn = Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray, np.ndarray]]
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
-def _build_index(db: np.ndarray, backend: Backend, ivf_min_size: int, nprobe: int) -> RangeFn:
-    """A range-search function over the L2-normalised rows of `db`: (queries, threshold) →
-    (query row, database row, cosine) for every pair with cosine >= threshold.
+@dataclass
+class _Index:
+    """Range search over the database vectors: (queries, radius) → (query row, database row, score).
+    Database row r is view `r % n_views` of image `r // n_views`; an `approximate` index gives
+    compressed scores, re-scored exactly before any decision."""
 
-    "auto": exact torch matmul below `ivf_min_size` database rows (faster than exact faiss there),
-    faiss IVF from there on when faiss is installed (exact search grows as n²; bench/curate.py
-    compares them, docs/curate.md has numbers).
-    """
-    if backend == "torch" or (backend == "auto" and (len(db) < ivf_min_size or not _faiss_available())):
-        return _torch_index(db)
-    return _faiss_index(db, ivf_min_size, nprobe)
+    search: RangeFn
+    n_views: int
+    approximate: bool
 
 
-def _faiss_index(db: np.ndarray, ivf_min_size: int, nprobe: int) -> RangeFn:
-    import faiss
+def _database(db: ViewChunks, whole_only: bool) -> tuple[int, Callable[[np.ndarray], np.ndarray]]:
+    """Vectors per image and the [m, V, D] → [m * that, D] selection of an index over `db`."""
+    if whole_only:
+        return 1, lambda block: np.ascontiguousarray(block[:, 0])
+    return db.n_views, lambda block: block.reshape(-1, block.shape[-1])
 
-    dim = db.shape[1]
-    index: Any
-    if len(db) >= ivf_min_size:
-        nlist = int(min(max(16, 4 * math.sqrt(len(db))), len(db) // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        index.train(db[np.sort(rng.choice(len(db), size=min(len(db), nlist * 64), replace=False))])
-        index.add(db)
-        index.nprobe = nprobe
-    else:
-        index = faiss.IndexFlatIP(dim)
-        index.add(db)
 
-    def search(q: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _build_index(db: ViewChunks, whole_only: bool, backend: Backend, ivf_min_size: int, nprobe: int) -> _Index:
+    """Exact search (all vectors in RAM, float32) below `ivf_min_size` database vectors or with the
+    torch backend; from there on the bounded IVF index streamed from the pieces (faiss)."""
+    per_image, select = _database(db, whole_only)
+    exact = backend == "torch" or len(db) * per_image < ivf_min_size or (backend == "auto" and not _faiss_available())
+    if not exact:
+        return _Index(_ivf_search(db, per_image, select, nprobe), per_image, approximate=True)
+    parts = [select(block) for _, block in db.blocks()]
+    vectors = np.concatenate(parts) if parts else np.zeros((0, db.dim), np.float32)
+    search = _torch_search(vectors) if backend != "faiss" else _flat_search(vectors)
+    return _Index(search, per_image, approximate=False)
+
+
+def _range_fn(index: Any) -> RangeFn:
+    def search(q: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not len(q) or not index.ntotal:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        # faiss keeps scores > radius; step just below so that ">= threshold" holds
-        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-        lims, sims, ids = index.range_search(np.ascontiguousarray(q, dtype=np.float32), radius)
+            return _EMPTY
+        # faiss keeps scores > radius; step just below so that ">= radius" holds
+        below = float(np.nextafter(np.float32(radius), np.float32(-np.inf)))
+        lims, sims, ids = index.range_search(np.ascontiguousarray(q, dtype=np.float32), below)
         rows = np.repeat(np.arange(len(q)), np.diff(lims).astype(np.int64))
         return rows, ids.astype(np.int64), sims.astype(np.float32)
 
     return search
 
 
-def _torch_index(db: np.ndarray, score_bytes: int = 256 << 20) -> RangeFn:
+def _flat_search(vectors: np.ndarray) -> RangeFn:
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return _range_fn(index)
+
+
+def _ivf_search(db: ViewChunks, per_image: int, select: Callable[[np.ndarray], np.ndarray], nprobe: int) -> RangeFn:
+    """faiss IVF over 8-bit scalar-quantised vectors (dim + 8 bytes per vector in RAM), filled
+    piece by piece. 4√N lists (the low end of the faiss guidelines), trained on a sample of
+    POINTS_PER_LIST vectors per list: the float32 sample, 80√N vectors, is the only part of the
+    build that is not a piece at a time. The vectors themselves are quantised, not their residuals
+    to the list centroid: no residual copy of the sample, and an error (< 0.005 in cosine on unit
+    vectors) well inside the default `rescore_margin`."""
+    import faiss
+
+    n_vec = len(db) * per_image
+    nlist = max(1, int(min(max(16, 4 * math.sqrt(n_vec)), n_vec // POINTS_PER_LIST)))
+    size = min(n_vec, POINTS_PER_LIST * nlist)
+    sample = np.sort(np.random.default_rng(0).choice(n_vec, size=size, replace=False))
+    index = faiss.index_factory(db.dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+    index.by_residual = False
+    index.cp.min_points_per_centroid = POINTS_PER_LIST
+    index.train(db.gather(sample // per_image, sample % per_image))
+    for _, block in db.blocks():
+        index.add(select(block))
+    index.nprobe = nprobe
+    return _range_fn(index)
+
+
+def _torch_search(db: np.ndarray, score_bytes: int = 256 << 20) -> RangeFn:
     """Exact search by matmul, in query blocks whose score matrix stays under `score_bytes`."""
     import torch
 
     dbt = torch.from_numpy(np.ascontiguousarray(db, dtype=np.float32))
     block = max(1, score_bytes // (4 * max(1, len(db))))
 
-    def search(q: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(q: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
         rows, cols, sims = [], [], []
         for start in range(0, len(qt), block):
             scores = qt[start:start + block] @ dbt.T
-            r, c = torch.nonzero(scores >= threshold, as_tuple=True)
+            r, c = torch.nonzero(scores >= radius, as_tuple=True)
             rows.append(r.numpy().astype(np.int64) + start)
             cols.append(c.numpy().astype(np.int64))
             sims.append(scores[r, c].numpy())
         if not rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return _EMPTY
         return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
 
     return search
+
+
+def _matches(query: ViewChunks, query_whole_only: bool, db: ViewChunks, index: _Index, threshold: float,
+             rescore_margin: float, exclude_self: bool, rescore_batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (query image, database image) pairs with some indexed view pair at cosine >= threshold.
+
+    The queries stream a block at a time; an approximate index is searched `rescore_margin` below
+    the threshold and each candidate is re-scored on the stored descriptors (the query's in the
+    block at hand, the database's read back `rescore_batch` at a time), so that the decision is the
+    exact one for every candidate. Only the matching pairs (int arrays) accumulate.
+    """
+    per_query, select = _database(query, query_whole_only)
+    radius = threshold - rescore_margin if index.approximate else threshold
+    found = [np.zeros((0, 2), np.int64)]
+    for start, block in query.blocks():
+        vectors = select(block)
+        r, c, _ = index.search(vectors, radius)
+        q_img, d_img = r // per_query + start, c // index.n_views
+        if exclude_self:
+            r, c, q_img, d_img = (a[q_img != d_img] for a in (r, c, q_img, d_img))
+        if index.approximate:
+            score = np.concatenate([np.zeros(0, np.float32)] + [
+                np.einsum("ij,ij->i", vectors[r[i:i + rescore_batch]],
+                          db.gather(d_img[i:i + rescore_batch], c[i:i + rescore_batch] % index.n_views))
+                for i in range(0, len(r), rescore_batch)])
+            q_img, d_img = q_img[score >= threshold], d_img[score >= threshold]
+        found.append(np.unique(np.stack([q_img, d_img], axis=1), axis=0))
+    pairs = np.unique(np.concatenate(found), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 # --------------------------------------------------------------------------- dedup
@@ -213,65 +349,48 @@ def exact_duplicates(hashes: Sequence[str], priority: np.ndarray | None = None) 
     return DedupResult(representative=rep, component=labels, n_edges=int(n - len(np.unique(labels))) if n else 0)
 
 
-def view_matches(
-    query_views: np.ndarray,
-    database: np.ndarray,
-    threshold: float,
-    backend: Backend = "auto",
-    ivf_min_size: int = 20_000,
-    nprobe: int = 16,
-    chunk_images: int = 2048,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unique (query image, database image) pairs where some view of the query image has cosine
-    >= threshold with the database image's whole view. `query_views` [nq, V, D] (float16 or 32),
-    `database` [nd, D]."""
-    nq, n_views, dim = query_views.shape
-    index = _build_index(np.ascontiguousarray(database, dtype=np.float32), backend, ivf_min_size, nprobe)
-    rows, cols = [], []
-    for start in range(0, nq, chunk_images):
-        block = np.ascontiguousarray(query_views[start:start + chunk_images], dtype=np.float32).reshape(-1, dim)
-        r, c, _ = index(block, threshold)
-        rows.append(r // n_views + start)
-        cols.append(c)
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(rows), np.concatenate(cols)], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
 def near_duplicates(
-    views: np.ndarray,
+    views: np.ndarray | ViewChunks,
     threshold: float,
     priority: np.ndarray | None = None,
     backend: Backend = "auto",
     ivf_min_size: int = 20_000,
     nprobe: int = 16,
+    rescore_margin: float = 0.02,
 ) -> DedupResult:
-    """Connected components of the near-duplicate graph over `views` [n, V, D] (view 0 = whole)."""
+    """Connected components of the near-duplicate graph over `views` [n, V, D] (view 0 = whole):
+    every view of each image against an index of the whole views."""
+    views = ViewChunks.of(views)
     n = len(views)
-    rows, cols = view_matches(views, views[:, 0], threshold, backend, ivf_min_size, nprobe)
-    keep = rows != cols
-    rows, cols = rows[keep], cols[keep]
+    if n == 0:
+        return DedupResult(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    index = _build_index(views, True, backend, ivf_min_size, nprobe)
+    rows, cols = _matches(views, False, views, index, threshold, rescore_margin, exclude_self=True)
     labels = components_from_edges(n, rows, cols)
     pri = np.zeros(n) if priority is None else np.asarray(priority, dtype=np.float64)
     return DedupResult(representative=_pick_representatives(labels, pri), component=labels, n_edges=len(rows))
 
 
 def contaminated(
-    train_views: np.ndarray,
-    eval_views: np.ndarray,
+    train_views: np.ndarray | ViewChunks,
+    eval_views: np.ndarray | ViewChunks,
     threshold: float,
     backend: Backend = "auto",
     ivf_min_size: int = 20_000,
     nprobe: int = 16,
+    rescore_margin: float = 0.02,
 ) -> np.ndarray:
     """Boolean [n_train]: the train image matches some eval image (views of either against the
-    whole view of the other)."""
-    hit = np.zeros(len(train_views), bool)
-    if not len(train_views) or not len(eval_views):
+    whole view of the other). The smaller side is indexed (its whole views, then all its views) and
+    the larger side streams against it."""
+    train, evals = ViewChunks.of(train_views), ViewChunks.of(eval_views)
+    hit = np.zeros(len(train), bool)
+    if not len(train) or not len(evals):
         return hit
-    rows, _ = view_matches(train_views, eval_views[:, 0], threshold, backend, ivf_min_size, nprobe)
-    hit[rows] = True
-    _, cols = view_matches(eval_views, train_views[:, 0], threshold, backend, ivf_min_size, nprobe)
-    hit[cols] = True
+    eval_indexed = len(evals) <= len(train)
+    small, large = (evals, train) if eval_indexed else (train, evals)
+    for large_whole_only in (False, True):  # large views vs small whole views, large whole vs small views
+        index = _build_index(small, not large_whole_only, backend, ivf_min_size, nprobe)
+        rows, cols = _matches(large, large_whole_only, small, index, threshold, rescore_margin, exclude_self=False)
+        hit[rows if eval_indexed else cols] = True
     return hit

@@ -9,7 +9,9 @@
    than the dedup threshold) are dropped, as DINOv2 removes near-copies of evaluation images from its
    training data (Oquab et al. 2023, arXiv 2304.07193, appendix A).
 
-The result is cached in the work directory (`dedup.npz`), so a resumed run skips the search.
+Only the metadata columns are loaded; the copy-detection views stay in the chunks' `.desc.npy`
+files and are streamed by the search (gramline.curate.dedup.ViewChunks; docs/curate.md, "Memory
+model"). The result is cached in the work directory (`dedup.npz`), so a resumed run skips the search.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gramline.curate.config import CurateConfig
-from gramline.curate.dedup import contaminated, exact_duplicates, near_duplicates
+from gramline.curate.dedup import ViewChunks, contaminated, exact_duplicates, near_duplicates
 from gramline.curate.log import log
 from gramline.curate.workdir import META_COLUMNS, WorkDir, save_npz
 
@@ -38,10 +40,29 @@ class Selection:
     valid_rows: np.ndarray    # int64 [n_valid]: row index of each valid item, in ingest order
 
 
-def _load_meta(work: WorkDir, n_chunks: int) -> tuple[pa.Table, np.ndarray]:
+class _Descriptors:
+    """Where each valid row's copy-detection views are: its chunk's `.desc.npy` (one row per valid
+    item of the chunk, in order) and the position in it. Nothing is read until a search streams it."""
+
+    def __init__(self, work: WorkDir, chunk_rows: list[int], valid: np.ndarray) -> None:
+        self.paths = [work.desc(i) for i in range(len(chunk_rows))]
+        self.chunk_of_row = np.repeat(np.arange(len(chunk_rows)), chunk_rows)
+        rank = np.cumsum(valid) - 1  # valid rows before this one, over all chunks
+        first_row = np.concatenate([[0], np.cumsum(chunk_rows)[:-1]]).astype(np.int64)
+        valid_before_chunk = np.concatenate([[0], np.cumsum(valid)])[first_row]
+        self.position = rank - valid_before_chunk[self.chunk_of_row]
+
+    def views(self, rows: np.ndarray) -> ViewChunks:
+        """The views of valid `rows` (ascending), in that order."""
+        chunks = self.chunk_of_row[rows]
+        bounds = np.searchsorted(chunks, np.arange(len(self.paths) + 1))
+        return ViewChunks([(self.paths[i], self.position[rows[bounds[i]:bounds[i + 1]]])
+                           for i in range(len(self.paths)) if bounds[i + 1] > bounds[i]])
+
+
+def _load_meta(work: WorkDir, n_chunks: int) -> tuple[pa.Table, list[int]]:
     tables = [pq.read_table(work.chunk(i), columns=META_COLUMNS) for i in range(n_chunks)]
-    descs = [np.load(work.desc(i)) for i in range(n_chunks)]
-    return pa.concat_tables(tables), np.concatenate(descs)
+    return pa.concat_tables(tables), [t.num_rows for t in tables]
 
 
 def _stratified_eval(labels: np.ndarray, n_eval: int, stratify: bool, rng: np.random.Generator) -> np.ndarray:
@@ -67,8 +88,8 @@ def _column(meta: pa.Table, name: str) -> np.ndarray:
     return meta.column(name).to_numpy(zero_copy_only=False)
 
 
-def _deduplicate(cfg: CurateConfig, meta: pa.Table, descs: np.ndarray, valid_rows: np.ndarray,
-                 row_of_desc: np.ndarray, duplicate_of: np.ndarray, kind: np.ndarray) -> np.ndarray:
+def _deduplicate(cfg: CurateConfig, meta: pa.Table, descs: _Descriptors, valid_rows: np.ndarray,
+                 duplicate_of: np.ndarray, kind: np.ndarray) -> np.ndarray:
     """Mark exact, then near duplicates in `duplicate_of` and `kind`; returns the surviving rows."""
     t0 = time.perf_counter()
     alive = valid_rows
@@ -86,9 +107,9 @@ def _deduplicate(cfg: CurateConfig, meta: pa.Table, descs: np.ndarray, valid_row
         nbytes = _column(meta, "file_bytes")[alive].astype(np.float64)
         # keep the largest image; among equal sizes the biggest file (least compressed)
         priority = width * height + nbytes / (nbytes.max() + 1)
-        nd = near_duplicates(descs[row_of_desc[alive]], cfg.dedup.threshold,  # float16, cast per block
-                             priority=priority, backend=cfg.dedup.backend,
-                             ivf_min_size=cfg.dedup.ivf_min_size, nprobe=cfg.dedup.nprobe)
+        d = cfg.dedup
+        nd = near_duplicates(descs.views(alive), d.threshold, priority=priority, backend=d.backend,
+                             ivf_min_size=d.ivf_min_size, nprobe=d.nprobe, rescore_margin=d.rescore_margin)
         dropped = ~nd.kept
         duplicate_of[alive[dropped]] = alive[nd.representative[dropped]]
         kind[alive[dropped]] = "near"
@@ -108,15 +129,15 @@ def _eval_rows(cfg: CurateConfig, meta: pa.Table, alive: np.ndarray) -> np.ndarr
     return alive[_stratified_eval(labels, n_eval, cfg.split.stratify, rng)]
 
 
-def _decontaminate(cfg: CurateConfig, descs: np.ndarray, row_of_desc: np.ndarray, train_rows: np.ndarray,
-                   eval_rows: np.ndarray, kind: np.ndarray) -> None:
+def _decontaminate(cfg: CurateConfig, descs: _Descriptors, train_rows: np.ndarray, eval_rows: np.ndarray,
+                   kind: np.ndarray) -> None:
     """Mark train rows that match an eval row as "decontaminated" in `kind`."""
     if not (len(eval_rows) and len(train_rows)):
         return
     t0 = time.perf_counter()
     d = cfg.dedup
-    hit = contaminated(descs[row_of_desc[train_rows]], descs[row_of_desc[eval_rows]], d.decontam_threshold,
-                       d.backend, d.ivf_min_size, d.nprobe)
+    hit = contaminated(descs.views(train_rows), descs.views(eval_rows), d.decontam_threshold,
+                       d.backend, d.ivf_min_size, d.nprobe, d.rescore_margin)
     kind[train_rows[hit]] = "decontaminated"
     log(f"decontamination: {int(hit.sum())} train images match an eval image at cosine >= "
         f"{d.decontam_threshold} ({time.perf_counter() - t0:.1f} s)")
@@ -124,7 +145,7 @@ def _decontaminate(cfg: CurateConfig, descs: np.ndarray, row_of_desc: np.ndarray
 
 def select(cfg: CurateConfig, work: WorkDir, n_chunks: int) -> Selection:
     """Dedup, eval split and decontamination over the ingested chunks (cached in the work dir)."""
-    meta, descs = _load_meta(work, n_chunks)
+    meta, chunk_rows = _load_meta(work, n_chunks)
     n = meta.num_rows
     valid = np.asarray(meta.column("status").to_pylist(), dtype=object) == "ok"
     valid_rows = np.flatnonzero(valid)
@@ -136,11 +157,10 @@ def select(cfg: CurateConfig, work: WorkDir, n_chunks: int) -> Selection:
     else:
         duplicate_of = np.full(n, -1, np.int64)
         kind = np.full(n, "", dtype=object)
-        row_of_desc = np.full(n, -1, np.int64)
-        row_of_desc[valid_rows] = np.arange(len(valid_rows))
-        alive = _deduplicate(cfg, meta, descs, valid_rows, row_of_desc, duplicate_of, kind)
+        descs = _Descriptors(work, chunk_rows, valid)
+        alive = _deduplicate(cfg, meta, descs, valid_rows, duplicate_of, kind)
         eval_rows = _eval_rows(cfg, meta, alive)
-        _decontaminate(cfg, descs, row_of_desc, np.setdiff1d(alive, eval_rows), eval_rows, kind)
+        _decontaminate(cfg, descs, np.setdiff1d(alive, eval_rows), eval_rows, kind)
         save_npz(cache, duplicate_of=duplicate_of, kind=kind.astype(str), eval_rows=eval_rows)
     eval_mask = np.zeros(n, bool)
     eval_mask[eval_rows] = True
