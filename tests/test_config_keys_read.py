@@ -28,6 +28,8 @@ from gramline.train.recipes.distill.config import DistillConfig
 NOT_ON_THE_TINY_PATH = {
     **{("EmbedConfig", key): "curate/embed.py build_embedder, for embed.backbone=timm:<name> or model:<dir>"
        for key in ("weights", "pretrained", "kwargs", "img_size", "batch_size", "threads")},
+    ("PartitionConfig", "work_root"): "curate/pipeline.py and stages/curate_partition.py, when partitions are "
+                                      "kept across runs (tests/test_curate_partitions.py)",
 }
 # Keys whose whole job is to derive another key when the config is resolved.
 DERIVING = {

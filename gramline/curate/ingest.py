@@ -1,5 +1,7 @@
-"""Step 1, ingest + validate: every item of every source is loaded, decoded, made upright RGB,
-hashed and described, on a thread pool, into resumable work chunks of `ingest.chunk_size` items.
+"""Step 1, ingest + validate: every item of one partition (a range of the sources' global item order,
+gramline.curate.partition) is loaded, decoded, made upright RGB, hashed and described, on a thread
+pool, into resumable work chunks of `ingest.chunk_size` items; `manifest.json`, written last, marks
+the partition complete, and a re-run skips a complete partition.
 
 Rejected items keep a row with their reason (they become `quarantine.parquet`); valid ones also get
 their copy-detection views (for dedup) and colour layout (the offline clustering embedding). Only a
@@ -17,6 +19,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,11 +34,12 @@ from gramline.curate.config import CurateConfig
 from gramline.curate.dedup import DESCRIPTOR_DIM, descriptor_views, view_count
 from gramline.curate.embed import LAYOUT_DIM, colour_layout
 from gramline.curate.log import log
-from gramline.curate.sources import Item, Source
+from gramline.curate.partition import Partition
+from gramline.curate.sources import Item, Source, TarSource
 from gramline.curate.validate import Rejection, validate_image
-from gramline.curate.workdir import CHUNK_SCHEMA, WorkDir, save_npy
+from gramline.curate.workdir import CHUNK_SCHEMA, PartDir, save_npy
 from gramline.errors import InputError
-from gramline.io import atomic_path, write_json_atomic
+from gramline.io import atomic_path, remove_stale_temps, write_json_atomic
 from gramline.progress import Progress
 
 
@@ -95,73 +99,127 @@ def _run_all(pool: concurrent.futures.Executor, calls: list[Callable[[], _Proces
         raise
 
 
-def _all_items(sources: Sequence[Source]) -> Iterator[Item]:
-    for source in sources:
-        yield from source.items()
+def _range_items(sources: Sequence[Source], counts: Sequence[int], start: int, stop: int
+                 ) -> Iterator[tuple[int, Item, set[str]]]:
+    """(global idx, item, keys taken before it in its source) for items [start, stop). Sources
+    wholly before `start` are not listed; a tar stream is read from its beginning (it cannot seek),
+    and its earlier keys are remembered, since only a tar can repeat a reference."""
+    offset = 0
+    for source, count in zip(sources, counts):
+        if offset + count <= start or offset >= stop:
+            offset += count
+            continue
+        keys: set[str] = set()
+        repeats = isinstance(source, TarSource)
+        end = min(stop, offset + count)
+        listed = 0
+        for item in source.items():
+            idx = offset + listed
+            if idx >= end:
+                break
+            listed += 1
+            if idx < start:
+                if repeats:
+                    _unique_key(item, keys)
+                continue
+            yield idx, item, keys
+        if offset + listed < end:
+            raise InputError(f"--source {source.uri}", f"lists fewer items than the {count} the plan counted",
+                             "sources that do not change while they are curated")
+        offset += count
 
 
-def _seen_keys(work: WorkDir, n_chunks: int) -> set[str]:
+def _unique_key(item: Item, keys: set[str]) -> str:
+    key, n = item.key, 1
+    while key in keys:  # the same reference twice (e.g. a repeated tar member)
+        key = hashlib.sha1(f"{item.source}\0{item.ref}\0{n}".encode()).hexdigest()[:20]
+        n += 1
+    keys.add(key)
+    return key
+
+
+def _seen_keys(part: PartDir, n_chunks: int) -> set[str]:
     keys: set[str] = set()
     for i in range(n_chunks):
-        keys.update(pq.read_table(work.chunk(i), columns=["key"]).column("key").to_pylist())
+        keys.update(pq.read_table(part.chunk(i), columns=["key"]).column("key").to_pylist())
     return keys
 
 
-def _write_chunk(work: WorkDir, chunk_id: int, done: list[_Processed], cfg: CurateConfig) -> None:
+def _write_chunk(part: PartDir, chunk_id: int, done: list[_Processed], cfg: CurateConfig) -> None:
     descs = [p.desc for p in done if p.desc is not None]
     no_desc = np.zeros((0, view_count(cfg.dedup.view_grid), DESCRIPTOR_DIM), np.float16)
     desc = np.stack(descs) if descs else no_desc
     layouts = [p.layout for p in done if p.layout is not None]
     layout = np.stack(layouts) if layouts else np.zeros((0, LAYOUT_DIM), np.float16)
     # arrays first: the parquet, written last, marks the chunk complete
-    save_npy(work.desc(chunk_id), desc)
-    save_npy(work.layout(chunk_id), layout)
+    save_npy(part.desc(chunk_id), desc)
+    save_npy(part.layout(chunk_id), layout)
     table = pa.Table.from_pylist([p.row for p in done], schema=CHUNK_SCHEMA)
-    with atomic_path(work.chunk(chunk_id)) as tmp:
+    with atomic_path(part.chunk(chunk_id)) as tmp:
         pq.write_table(table, tmp)
 
 
-def ingest(sources: Sequence[Source], cfg: CurateConfig, work: WorkDir) -> int:
-    """Load, validate and describe every item into work chunks; returns the number of items."""
-    if work.ingest_done.is_file():
-        total = int(json.loads(work.ingest_done.read_text())["total"])
-        log(f"ingest: already complete ({total} items), skipping")
-        return total
+def _prepare(part: PartDir, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest when `part` already holds this partition complete; else make it ready to
+    (re)start: a directory of another partition or plan is emptied."""
+    if part.spec.is_file():
+        try:
+            same = json.loads(part.spec.read_text()) == spec
+        except ValueError:
+            same = False
+        if same and part.manifest.is_file():
+            return dict(json.loads(part.manifest.read_text()))
+        if not same:
+            log(f"partition directory {part.root} holds another partition or plan: starting it afresh")
+            shutil.rmtree(part.root)
+    part.root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(part.root)
+    if not part.spec.is_file():
+        write_json_atomic(part.spec, spec)
+    return None
+
+
+def ingest_partition(sources: Sequence[Source], counts: Sequence[int], partition: Partition, cfg: CurateConfig,
+                     part: PartDir) -> dict[str, Any]:
+    """Load, validate and describe the items of `partition` into `part`; returns its manifest
+    (`skipped`: true when it was already complete)."""
+    spec = partition.to_json()
+    done_before = _prepare(part, spec)
+    if done_before is not None:
+        log(f"ingest: partition {partition.index} already complete ({done_before['items']} items), skipping")
+        return {**done_before, "skipped": True}
     size = cfg.ingest.chunk_size
-    n_done = work.done_chunks()
-    start = n_done * size
+    n_done = part.done_chunks()
+    start = partition.start + n_done * size
     if n_done:
-        log(f"ingest: resuming after {n_done} complete chunk(s) ({start} items)")
-    hints = [s.size_hint() for s in sources]
-    total_hint = sum(h for h in hints if h is not None) if all(h is not None for h in hints) else None
-    keys = _seen_keys(work, n_done)
+        log(f"ingest: resuming after {n_done} complete chunk(s) ({start - partition.start} items)")
+    keys = _seen_keys(part, n_done)
     workers = cfg.ingest.workers or os.cpu_count() or 1
-    progress = Progress(prefix="curate", what="ingest+validate", total=total_hint, unit="img", stream=sys.stderr,
-                        start_at=start)
-    counts = {"ok": 0, "quarantined": 0}
-    items = itertools.islice(enumerate(_all_items(sources)), start, None)
-    chunk_id, idx = n_done, start
+    what = "ingest+validate" + (f" [{partition.index}]" if partition.index or partition.stop < sum(counts) else "")
+    progress = Progress(prefix="curate", what=what, total=partition.stop - partition.start, unit="img",
+                        stream=sys.stderr, start_at=start - partition.start)
+    counted = {"ok": 0, "quarantined": 0}
+    items = _range_items(sources, counts, start, partition.stop)
+    chunk_id = n_done
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         while batch := list(itertools.islice(items, size)):
             jobs = []
-            for idx, item in batch:
+            for idx, item, earlier in batch:
                 key = item.key
-                n = 1
-                while key in keys:  # the same reference twice (e.g. a repeated tar member)
-                    key = hashlib.sha1(f"{item.source}\0{item.ref}\0{n}".encode()).hexdigest()[:20]
-                    n += 1
+                if key in keys or key in earlier:
+                    keys.update(earlier)
+                    key = _unique_key(item, keys)
                 keys.add(key)
+                earlier.add(key)
                 jobs.append((idx, key, item))
             done = _run_all(pool, [functools.partial(_process, idx, key, item, cfg) for idx, key, item in jobs])
-            _write_chunk(work, chunk_id, done, cfg)
+            _write_chunk(part, chunk_id, done, cfg)
             ok = sum(p.desc is not None for p in done)
-            counts["ok"] += ok
-            counts["quarantined"] += len(done) - ok
+            counted["ok"] += ok
+            counted["quarantined"] += len(done) - ok
             chunk_id += 1
-            progress.update(idx + 1, counts)
-    total = idx + 1 if chunk_id > n_done else start
-    progress.finish(counts)
-    if total == 0:
-        raise InputError("--source " + " ".join(s.uri for s in sources), "yielded no items", "at least one image")
-    write_json_atomic(work.ingest_done, {"total": total, "chunks": chunk_id})
-    return total
+            progress.update(jobs[-1][0] + 1 - partition.start, counted)
+    progress.finish(counted)
+    manifest = {**spec, "chunks": chunk_id, "items": partition.stop - partition.start}
+    write_json_atomic(part.manifest, manifest)  # last: the partition is complete
+    return {**manifest, "skipped": False}

@@ -1,8 +1,10 @@
 """`curate`: the whole curation run, from source URIs to a Dataset artifact.
 
 Steps, in order (one module each):
-1. ingest + validate (`ingest`, `sources`, `validate`): every item is decoded, made upright RGB,
-   hashed and described; rejects go to `quarantine.parquet` with their reason.
+0. plan (`partition`): the sources' items, cut into partitions of a global item order.
+1. ingest + validate, per partition (`ingest`, `sources`, `validate`): every item is decoded, made
+   upright RGB, hashed and described; rejects go to `quarantine.parquet` with their reason.
+   Then the reduce, over all partitions' chunks in order:
 2. exact dedup (sha256 of the decoded pixels), then near-dup (copy descriptor, connected components,
    one representative per component), all recorded in `duplicates.parquet` (`split`, `dedup`).
 3. held-out eval split (stratified by label when there are labels), then decontamination: train
@@ -12,14 +14,24 @@ Steps, in order (one module each):
 5. shards + index.parquet + stats.json + report.html + manifest.json (last), locally (`write`), or
    with the shards as a new immutable version under `output.shards_uri` (`publish`).
 
-Resumable: every step's results live in the work directory next to the output (`workdir`); a re-run
-with the same sources and config continues after the last complete chunk and produces the same
+`curate` runs it all in one process; the pipeline runs `plan`, then `run_partition` once per
+partition (a KFP ParallelFor), then `reduce` on the collected partition outputs: the same code, so
+the same dataset. The network embedding stays in the reduce: it embeds only the train pool left
+after dedup and decontamination, and loads the model once (on the GPU), while the partitions need
+CPUs only.
+
+Resumable: a partition's chunks and, last, its manifest are written atomically, so a re-run
+continues after the last complete chunk and skips complete partitions; the reduce caches its
+dedup/split and cluster results in the work directory (`workdir`) next to the output, or under
+`partition.work_root` in the pipeline. A re-run with the same sources and config produces the same
 dataset as one clean run, also after S3 stayed unavailable (TransientError, exit 75). The work
 directory is removed after success unless `output.keep_work`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -30,12 +42,20 @@ from gramline.config import dump_config
 from gramline.curate.cluster import cluster_and_balance
 from gramline.curate.config import CurateConfig
 from gramline.curate.embed import Embedder, build_embedder, embed_pool
-from gramline.curate.ingest import ingest
+from gramline.curate.ingest import ingest_partition
 from gramline.curate.log import log
+from gramline.curate.partition import (
+    Partition,
+    Plan,
+    check_complete,
+    check_counts,
+    make_plan,
+    stored_partition,
+)
 from gramline.curate.publish import publish_to_s3
 from gramline.curate.sources import Source, open_source
 from gramline.curate.split import select
-from gramline.curate.workdir import WorkDir
+from gramline.curate.workdir import PartDir, WorkDir
 from gramline.curate.write import write_dataset
 from gramline.errors import InputError
 
@@ -62,20 +82,42 @@ def _embedder(cfg: CurateConfig) -> Embedder | None:
     return build_embedder(e.backbone, e.weights, e.pretrained, e.kwargs, e.img_size, e.batch_size, e.threads)
 
 
-def curate(source_uris: Sequence[str], cfg: CurateConfig, out_dir: Path) -> dict[str, Any]:
-    """Curate the images of `source_uris` into the Dataset artifact `out_dir`; returns its manifest.
-    A bad source, output path or embedder is an InputError raised before any work."""
+def _reduce_plan(plan_id: str, cfg: CurateConfig) -> dict[str, Any]:
+    config = {k: v for k, v in dump_config(cfg).items() if k not in ("output", "partition")}
+    return {"version": WORK_VERSION, "plan_id": plan_id, "config": config}
+
+
+def plan(source_uris: Sequence[str], cfg: CurateConfig) -> Plan:
+    """Check the sources and cut their items into partitions."""
+    return make_plan(source_uris, _open_sources(source_uris, cfg), cfg)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_partition(source_uris: Sequence[str], cfg: CurateConfig, partition: Partition, out: Path) -> dict[str, Any]:
+    """Ingest `partition` into the directory `out` (a partition output artifact); returns its
+    manifest. With `partition.work_root` the work happens there (kept by plan id across runs, a
+    complete partition is skipped) and `out` receives a hard-linked copy."""
     sources = _open_sources(source_uris, cfg)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out-dataset {out_dir}", "exists and is not a directory", "a directory path")
-    embedder = _embedder(cfg)
-    plan = {"version": WORK_VERSION, "sources": list(source_uris),
-            "config": {k: v for k, v in dump_config(cfg).items() if k != "output"}}
-    work = WorkDir(out_dir, plan)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ingest(sources, cfg, work)
-    timings["ingest_validate_s"] = round(time.perf_counter() - t0, 3)
+    check_counts(sources, partition)
+    if cfg.partition.work_root is None:
+        return ingest_partition(sources, partition.counts, partition, cfg, PartDir(out))
+    stored = PartDir(stored_partition(cfg.partition.work_root, partition))
+    manifest = ingest_partition(sources, partition.counts, partition, cfg, stored)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(stored.root, out, copy_function=_link_or_copy)
+    return manifest
+
+
+def _reduce(source_uris: Sequence[str], cfg: CurateConfig, parts: list[PartDir], chunks: list[int],
+            out_dir: Path, work: WorkDir, embedder: Embedder | None, timings: dict[str, float]) -> dict[str, Any]:
+    work.attach(parts, chunks)
     n_chunks = work.done_chunks()
     t0 = time.perf_counter()
     sel = select(cfg, work, n_chunks)
@@ -95,7 +137,70 @@ def curate(source_uris: Sequence[str], cfg: CurateConfig, out_dir: Path) -> dict
         manifest = publish_to_s3(work.staged, out_dir, cfg.output.shards_uri, work.pending_publish)
     else:
         manifest = write_dataset(cfg, work, sel, bal, n_chunks, out_dir, inputs, timings)
+    log(f"done: {manifest['splits']} -> {out_dir}")
+    return manifest
+
+
+def _check_out(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dataset {out_dir}", "exists and is not a directory", "a directory path")
+
+
+def _partition_roots(roots: Sequence[Path]) -> list[Path]:
+    """`roots`, where a directory holding `part-*` directories (a plan's directory under
+    `partition.work_root`, as `gramline rerun curate --input parts=DIR` passes it) stands for them."""
+    found: list[Path] = []
+    for root in map(Path, roots):
+        inside = sorted(p for p in root.glob("part-*") if p.is_dir())
+        found += inside if inside and not (root / "manifest.json").is_file() else [root]
+    return found
+
+
+def reduce(source_uris: Sequence[str], cfg: CurateConfig, part_roots: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Dedup, split, cluster, balance and write the Dataset from the partition outputs `part_roots`
+    (any order; together every partition of one plan; or the directory holding them); returns its
+    manifest."""
+    _check_out(out_dir)
+    parts = [PartDir(root) for root in _partition_roots(part_roots)]
+    manifests = []
+    for part in parts:
+        if not part.manifest.is_file():
+            raise InputError(f"partition output {part.root}", "has no manifest.json (incomplete)",
+                             "the output of a partition that finished")
+        manifests.append({**json.loads(part.manifest.read_text()), "root": str(part.root)})
+    ordered = check_complete(manifests)
+    embedder = _embedder(cfg)
+    plan_id = str(ordered[0]["plan_id"])
+    keep = cfg.partition.work_root
+    root = Path(keep) / f"plan-{plan_id}" / "reduce" if keep else None
+    work = WorkDir(out_dir, _reduce_plan(plan_id, cfg), root)
+    log(f"reduce: {len(ordered)} partition(s) of plan {plan_id}")
+    manifest = _reduce(source_uris, cfg, [PartDir(Path(m["root"])) for m in ordered],
+                       [int(m["chunks"]) for m in ordered], out_dir, work, embedder, {})
+    if not cfg.output.keep_work:
+        shutil.rmtree(work.root.parent if keep else work.root, ignore_errors=True)
+    return manifest
+
+
+def curate(source_uris: Sequence[str], cfg: CurateConfig, out_dir: Path) -> dict[str, Any]:
+    """Curate the images of `source_uris` into the Dataset artifact `out_dir` in this process (plan,
+    every partition, reduce); returns its manifest. A bad source, output path or embedder is an
+    InputError raised before any work."""
+    sources = _open_sources(source_uris, cfg)
+    _check_out(out_dir)
+    embedder = _embedder(cfg)
+    the_plan = make_plan(source_uris, sources, cfg)
+    work = WorkDir(out_dir, _reduce_plan(the_plan.plan_id, cfg))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n = len(the_plan.partitions)
+    parts = [work.partition_dir(p.index, n) for p in the_plan.partitions]
+    done = [ingest_partition(sources, the_plan.counts, p, cfg, part) for p, part in zip(the_plan.partitions, parts)]
+    timings["ingest_validate_s"] = round(time.perf_counter() - t0, 3)
+    skipped = sum(m["skipped"] for m in done)
+    if skipped:
+        log(f"ingest: {skipped} of {n} partition(s) were complete already")
+    manifest = _reduce(source_uris, cfg, parts, [int(m["chunks"]) for m in done], out_dir, work, embedder, timings)
     if not cfg.output.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
-    log(f"done: {manifest['splits']} -> {out_dir}")
     return manifest
