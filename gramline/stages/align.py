@@ -28,7 +28,13 @@ from typing import Any
 from gramline.artifacts import lineage_entry
 from gramline.data.reader import open_dataset
 from gramline.models.text import Tokenizer
-from gramline.stages.common import emit_executor_output, run_stage, stage_parser
+from gramline.stages.common import (
+    add_state_option,
+    add_ui_metadata_option,
+    emit_training_output,
+    run_stage,
+    stage_parser,
+)
 from gramline.train.recipes.align.config import load_align_config
 from gramline.train.recipes.align.data import (
     caption_batches,
@@ -49,6 +55,8 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
                         help="instead of --model: timm:<name>[@<file>] or an official DINOv3 checkpoint (.pth)")
     parser.add_argument("--dataset", type=Path, required=True, help="captioned Dataset artifact directory")
     parser.add_argument("--out-model", type=Path, required=True, help="output Model artifact directory")
+    add_state_option(parser)
+    add_ui_metadata_option(parser)
     args = parser.parse_args(argv)
 
     config = load_align_config(args.preset, args.config, args.overrides)
@@ -71,10 +79,11 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
         inputs=[*source.inputs, lineage_entry("dataset", args.dataset)],
         record=lambda: {**source.record, "text_tower": {"backbone": source.label, "image_size": size},
                         "captions": {**caption_counts, "shuffled": config.align.shuffle_captions}},
-        periodic_exports=False, frozen_sections=("head", "text", "align"), hooks=hooks))
+        periodic_exports=False, frozen_sections=("head", "text", "align"), hooks=hooks, state_uri=args.state_uri,
+        artifact=args.executor_output is not None))
     if result is None:
         return 0
-    emit_executor_output(args, {"model": (args.out_model, {**result.metadata, "truncated_captions": truncated})})
+    emit_training_output(args, {**result.metadata, "truncated_captions": truncated}, result.tensorboard_dir)
     return 0
 
 

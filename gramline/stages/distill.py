@@ -25,7 +25,13 @@ import torch
 from gramline.artifacts import lineage_entry, read_manifest, write_manifest
 from gramline.errors import InputError
 from gramline.eval.agreement import distillation_agreement
-from gramline.stages.common import emit_executor_output, run_stage, stage_parser
+from gramline.stages.common import (
+    add_state_option,
+    add_ui_metadata_option,
+    emit_training_output,
+    run_stage,
+    stage_parser,
+)
 from gramline.train.data import batch_source
 from gramline.train.recipes.dino.model import DinoModel
 from gramline.train.recipes.distill.config import check_heads, load_distill_config
@@ -42,6 +48,8 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     parser.add_argument("--out-model", type=Path, required=True, help="output directory: students/<name>/ + manifest")
     parser.add_argument("--student", action="append", default=[], metavar="NAME=ARCH",
                         help="a student (repeatable); replaces the preset's students")
+    add_state_option(parser)
+    add_ui_metadata_option(parser)
     args = parser.parse_args(argv)
 
     config = load_distill_config(args.preset, args.config, args.overrides, args.student)
@@ -57,7 +65,8 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
         batches=lambda info, env: batch_source(info, config, env, global_batches=True),
         inputs=[lineage_entry("teacher", args.teacher), lineage_entry("dataset", args.dataset)],
         record=lambda: {"teacher": str(args.teacher)}, periodic_exports=False, frozen_sections=("distill",),
-        hooks=hooks))
+        hooks=hooks, state_uri=args.state_uri,
+        artifact=args.executor_output is not None))
     if result is None:
         return 0
     students = {name: load_dino_model(args.out_model / STUDENTS_DIR / name, f"student {name}")[0]
@@ -72,7 +81,7 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
                  f"prototype agreement {scores[f'{name}/prototype_agreement']:.3f} (random "
                  f"{scores[f'random_{name}/prototype_agreement']:.3f})" for name in students):
         print(line, flush=True)
-    emit_executor_output(args, {"model": (args.out_model, {**result.metadata, **scores})})
+    emit_training_output(args, {**result.metadata, **scores}, result.tensorboard_dir)
     return 0
 
 

@@ -23,7 +23,13 @@ from typing import Any
 
 from gramline.artifacts import lineage_entry
 from gramline.errors import InputError
-from gramline.stages.common import emit_executor_output, run_stage, stage_parser
+from gramline.stages.common import (
+    add_state_option,
+    add_ui_metadata_option,
+    emit_training_output,
+    run_stage,
+    stage_parser,
+)
 from gramline.train.checkpoint import latest_checkpoint
 from gramline.train.data import batch_source
 from gramline.train.recipes.dino.config import load_gram_config
@@ -44,6 +50,8 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     parser.add_argument("--anchor", type=Path, default=None, help="anchor Model artifact (the frozen Gram teacher)")
     parser.add_argument("--dataset", type=Path, required=True, help="Dataset artifact directory")
     parser.add_argument("--out-model", type=Path, required=True, help="output Model artifact directory")
+    add_state_option(parser)
+    add_ui_metadata_option(parser)
     args = parser.parse_args(argv)
 
     manifest = model_manifest(args.model, "--model")
@@ -75,9 +83,11 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     result = run_training(TrainingRun(
         stage="gram", config=config, dataset=args.dataset, out_dir=args.out_model, recipe=recipe,
         batches=lambda info, env: batch_source(info, config, env), inputs=inputs, record=record,
-        take_over=TakeOver(args.model, ("student", "teacher", "optimizer"), "--model", recipe.begin_phase), hooks=hooks))
+        take_over=TakeOver(args.model, ("student", "teacher", "optimizer"), "--model", recipe.begin_phase), hooks=hooks,
+        state_uri=args.state_uri,
+        artifact=args.executor_output is not None))
     if result is not None:
-        emit_executor_output(args, {"model": (args.out_model, result.metadata)})
+        emit_training_output(args, result.metadata, result.tensorboard_dir)
     return 0
 
 

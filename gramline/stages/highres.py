@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gramline.artifacts import lineage_entry
-from gramline.stages.common import emit_executor_output, run_stage, stage_parser
+from gramline.stages.common import (
+    add_state_option,
+    add_ui_metadata_option,
+    emit_training_output,
+    run_stage,
+    stage_parser,
+)
 from gramline.train.data import batch_source
 from gramline.train.recipes.dino.config import load_highres_config
 from gramline.train.recipes.dino.inputs import (
@@ -37,6 +43,8 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     parser.add_argument("--model", type=Path, required=True, help="Model artifact to adapt (the gram stage's)")
     parser.add_argument("--dataset", type=Path, required=True, help="Dataset artifact directory")
     parser.add_argument("--out-model", type=Path, required=True, help="output Model artifact directory")
+    add_state_option(parser)
+    add_ui_metadata_option(parser)
     args = parser.parse_args(argv)
 
     manifest = require_teacher_with_heads(args.model, "--model")
@@ -53,9 +61,10 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
         stage="highres", config=config, dataset=args.dataset, out_dir=args.out_model, recipe=recipe,
         batches=lambda info, env: batch_source(info, config, env, augments=mixture_augments(config), choose=choice),
         inputs=[lineage_entry("model", args.model), lineage_entry("dataset", args.dataset)],
-        record=lambda: record, hooks=hooks))
+        record=lambda: record, hooks=hooks, state_uri=args.state_uri,
+        artifact=args.executor_output is not None))
     if result is not None:
-        emit_executor_output(args, {"model": (args.out_model, result.metadata)})
+        emit_training_output(args, result.metadata, result.tensorboard_dir)
     return 0
 
 

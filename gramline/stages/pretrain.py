@@ -20,8 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gramline.artifacts import lineage_entry
-from gramline.stages.common import emit_executor_output, run_stage, stage_parser
 from gramline.models.init_from import load_starting_weights
+from gramline.stages.common import (
+    add_state_option,
+    add_ui_metadata_option,
+    emit_training_output,
+    run_stage,
+    stage_parser,
+)
 from gramline.train.data import batch_source
 from gramline.train.recipes.dino.config import DinoConfig, load_adapt_config, load_pretrain_config
 from gramline.train.recipes.dino.inputs import starting_backbone, starting_state
@@ -37,6 +43,8 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     parser.add_argument("--init-from", default=None, metavar="SPEC",
                         help="start from existing weights: timm:<name>[@<file>], a Model directory or an official "
                              "DINOv3 checkpoint (.pth); empty: from scratch")
+    add_state_option(parser)
+    add_ui_metadata_option(parser)
     args = parser.parse_args(argv)
 
     inputs = [lineage_entry("dataset", args.dataset)]
@@ -49,9 +57,10 @@ def main(argv: Sequence[str] | None = None, *, hooks: Sequence[StepHook] = ()) -
     result = run_training(TrainingRun(
         stage="pretrain", config=config, dataset=args.dataset, out_dir=args.out_model,
         recipe=recipe, batches=lambda info, env: batch_source(info, config, env),
-        inputs=inputs, record=lambda: record, hooks=hooks))
+        inputs=inputs, record=lambda: record, hooks=hooks, state_uri=args.state_uri,
+        artifact=args.executor_output is not None))
     if result is not None:
-        emit_executor_output(args, {"model": (args.out_model, result.metadata)})
+        emit_training_output(args, result.metadata, result.tensorboard_dir)
     return 0
 
 

@@ -110,13 +110,16 @@ def read_model_state(path: Path, upgrade: Upgrade | None = None, mmap: bool = Fa
 
 class Checkpointer:
     """Saves and loads the parts of a run; every rank calls save/load (full state dicts of sharded
-    parts are gathered collectively), rank 0 owns the directory and the rename."""
+    parts are gathered collectively), rank 0 owns the directory and the rename. `on_saved`, when
+    set, is called by rank 0 with each new complete checkpoint directory, which then holds every
+    rank's files (gramline.train.state_sync mirrors it), before the ranks go on."""
 
     def __init__(self, state_dir: Path, rank: int, keep: int, upgrade: Upgrade | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.rank = rank
         self.keep = keep
         self.upgrade = upgrade
+        self.on_saved: Callable[[Path], None] | None = None
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.state_dir)
@@ -149,6 +152,8 @@ class Checkpointer:
                 tmp.rename(target)
             for _, old in list_checkpoints(self.state_dir)[:-self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
+            if self.on_saved is not None:
+                self.on_saved(final)
         distributed.barrier()
         return final
 

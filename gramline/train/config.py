@@ -3,9 +3,10 @@ base of the multi-crop recipes' configs (DINO, distillation)."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from gramline.config import Strict
 from gramline.data.config import CropsConfig, LoaderConfig, MaskingConfig
@@ -25,6 +26,34 @@ class OptimConfig(Strict):
 
 class EmaConfig(Strict):
     momentum: Schedule = Schedule(start=0.992, peak=0.992, end=1.0)
+
+
+class LoggersConfig(Strict):
+    """Where the logged values go besides metrics.jsonl (written by the main rank only)."""
+
+    tensorboard: bool = True  # event files under <output Model>/tensorboard/
+    mlflow_uri: str = ""  # an MLflow tracking URI (needs the `mlflow` extra); empty: no MLflow run
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_installed(cls, uri: str) -> str:
+        if uri and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("is set but the mlflow package is not installed; install gramline[mlflow] "
+                             "or leave train.loggers.mlflow_uri empty")
+        return uri
+
+
+class ExportConfig(Strict):
+    """What the output Model directory keeps besides the weights, manifest and logs once the run has
+    succeeded: `state/` (the resumable checkpoints) and `checkpoints/` (the periodic teacher Models).
+    `auto`: everything when the stage runs on its own (the output directory is also its work area: a
+    start on it resumes from state/); in a pipeline task (--executor-output) only what the next
+    stages read (pretrain's state/ for gram, its teacher checkpoints for anchor; nothing of the
+    later stages), since the task's Model is uploaded and every consumer downloads it. A retried
+    task resumes from --state-uri, where both are mirrored, not from its output."""
+
+    state: Literal["auto", "keep", "drop"] = "auto"
+    teacher_checkpoints: Literal["auto", "keep", "drop"] = "auto"
 
 
 class TrainConfig(Strict):
@@ -47,6 +76,8 @@ class TrainConfig(Strict):
     # per transformer block: none; selective (matrix-product and attention outputs kept, the rest
     # recomputed in backward); full (only the block's input kept)
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    loggers: LoggersConfig = LoggersConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _positive(self) -> TrainConfig:

@@ -19,8 +19,10 @@ from gramline.config import dump_config
 from gramline.models.backbone import Backbone, timm_spec
 from gramline.models.config import BackboneConfig
 from gramline.models.io import BACKBONE_FILE, HEADS_FILE, save_weights, timm_manifest_entry
+from gramline.train.config import ExportConfig
 
 TEACHER_DIR = re.compile(r"^teacher-(\d{8})$")
+STATE_DIR, CHECKPOINTS_DIR = "state", "checkpoints"  # a run's resumable checkpoints, its periodic teacher Models
 
 
 def write_model_artifact(directory: Path, backbone: Backbone, heads: Mapping[str, Any], backbone_config: BackboneConfig,
@@ -59,6 +61,25 @@ def thinned(steps: Sequence[int], keep: int) -> list[int]:
     while len(kept) > keep:
         kept = kept[::2] if keep > 1 else kept[:1]
     return kept
+
+
+# What the pipeline's next stages read from a stage's Model besides its weights and manifest (the
+# edges of gramline.kfp.pipeline): gram continues pretrain's run from its state/, anchor picks one of
+# pretrain's teacher checkpoints. highres, distill, align and benchmark read the weights only.
+READ_DOWNSTREAM: dict[str, tuple[str, ...]] = {"pretrain": (STATE_DIR, CHECKPOINTS_DIR)}
+
+
+def lean_export(model_dir: Path, stage: str, export: ExportConfig, artifact: bool) -> list[str]:
+    """Delete from a finished run's Model what `export` does not keep (`auto`: see ExportConfig, with
+    `artifact` true in a pipeline task); the names deleted. Called only after the final manifest is
+    written, so that an interrupted run still resumes from its state/."""
+    dropped = []
+    for name, choice in ((STATE_DIR, export.state), (CHECKPOINTS_DIR, export.teacher_checkpoints)):
+        keep = choice == "keep" or (choice == "auto" and (not artifact or name in READ_DOWNSTREAM.get(stage, ())))
+        if not keep and (Path(model_dir) / name).exists():
+            shutil.rmtree(Path(model_dir) / name)
+            dropped.append(name)
+    return dropped
 
 
 def thin_teacher_checkpoints(model_dir: Path, keep: int) -> None:

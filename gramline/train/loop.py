@@ -19,8 +19,9 @@ import torch
 
 from gramline.errors import InputError
 from gramline.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from gramline.train.config import TrainConfig
+from gramline.train.config import LoggersConfig, TrainConfig
 from gramline.train.distributed import DistEnv
+from gramline.train.loggers import open_sinks
 from gramline.train.metrics import MetricsLog, truncate_metrics
 from gramline.train.recipe import Recipe
 from gramline.train.runtime import Runtime
@@ -41,11 +42,12 @@ class LoopSettings:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_nan_steps: int = 2
+    loggers: LoggersConfig | None = None  # None: metrics.jsonl only
 
     @classmethod
     def of(cls, train: TrainConfig) -> LoopSettings:
         return cls(train.seed, train.precision, train.log_every, train.checkpoint_every, train.keep_checkpoints,
-                   train.max_nan_steps)
+                   train.max_nan_steps, train.loggers)
 
 
 class TrainLoop:
@@ -145,7 +147,9 @@ class TrainLoop:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.recipe.name, self.step, last, self.images_per_step,
                              self.metrics_path if self.env.is_main else None, self.recipe.progress_keys,
-                             enabled=self.log_enabled)
+                             enabled=self.log_enabled,
+                             sinks=open_sinks(self.settings.loggers, self.out_dir, self.recipe.name, self.step)
+                             if self.log_enabled else ())
         iterator = iter(self.batches(self.step))
         while self.step < last:
             start = time.perf_counter()

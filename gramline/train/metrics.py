@@ -1,4 +1,5 @@
-"""A run's log: a progress line every `log_every` steps and one JSON record per line in `metrics.jsonl`.
+"""A run's log: a progress line every `log_every` steps and one JSON record per line in `metrics.jsonl`,
+also handed to the configured sinks (TensorBoard, MLflow: gramline.train.loggers).
 
 The line shows the recipe's chosen values, steps/s, images/s, the share of time spent waiting for
 data and the ETA; the record holds every logged value of that step (losses, weighted terms,
@@ -15,17 +16,22 @@ from pathlib import Path
 from typing import TextIO
 
 from gramline.progress import Progress
+from gramline.train.loggers import Sink
 
 
 class MetricsLog:
     def __init__(self, prefix: str, start_step: int, last_step: int, images_per_step: int, path: Path | None,
-                 shown: Sequence[str], enabled: bool = True, stream: TextIO | None = None) -> None:
+                 shown: Sequence[str], enabled: bool = True, stream: TextIO | None = None,
+                 sinks: Sequence[Sink] = ()) -> None:
+        """`sinks` get every record while enabled and are closed once `last_step` is logged."""
         self.progress = Progress(prefix, "step", total=last_step, unit="steps", start_at=start_step,
                                  stream=stream if stream is not None else sys.stdout, enabled=enabled)
+        self.last_step = last_step
         self.images_per_step = images_per_step
         self.path = path
         self.shown = list(shown)
         self.enabled = enabled
+        self.sinks = list(sinks)
         self._data_seconds = 0.0
         self._window_start = time.perf_counter()
 
@@ -47,9 +53,18 @@ class MetricsLog:
             if self.path is not None:
                 with open(self.path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink.write(step, record)
+            if step >= self.last_step:
+                self.close()
         self.progress.reset()
         self._data_seconds, self._window_start = 0.0, time.perf_counter()
         return record
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def truncate_metrics(path: Path, step: int) -> None:

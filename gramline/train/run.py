@@ -24,9 +24,11 @@ from gramline.train import distributed
 from gramline.train.checkpoint import latest_checkpoint, read_meta
 from gramline.train.config import TrainConfig
 from gramline.train.distributed import DistEnv
-from gramline.train.export import thin_teacher_checkpoints
-from gramline.train.loop import LoopSettings, TrainLoop
+from gramline.train.export import lean_export, list_teacher_checkpoints, thin_teacher_checkpoints
+from gramline.train.loggers import TENSORBOARD_DIR
+from gramline.train.loop import METRICS_FILE, LoopSettings, TrainLoop
 from gramline.train.recipe import Recipe
+from gramline.train.state_sync import StateSync
 
 StepHook = Callable[[Any, int], None]  # (recipe, step count) after every step: tests interrupt runs with it
 
@@ -56,6 +58,8 @@ class TrainingRun:
     hooks: Sequence[StepHook] = ()
     periodic_exports: bool = True  # teacher Model artifacts under checkpoints/ (TrainConfig.teacher_every)
     frozen_sections: Sequence[str] = ("backbone", "heads")  # config sections a resume must not change
+    state_uri: str = ""  # --state-uri: checkpoints mirrored where they outlive the pod (gramline.train.state_sync)
+    artifact: bool = False  # the output is a pipeline task's Model (--executor-output): see ExportConfig
 
     @property
     def train(self) -> TrainConfig:
@@ -66,6 +70,7 @@ class TrainingRun:
 class TrainingResult:
     manifest: dict[str, Any]
     metadata: dict[str, Any]  # the executor output's metadata of the Model artifact
+    tensorboard_dir: Path | None = None  # the event files' directory inside the Model, when TensorBoard logs
 
 
 def check_resume_compatible(out_dir: Path, config: BaseModel,
@@ -89,18 +94,25 @@ def final_metrics(log: Mapping[str, float], names: Sequence[str]) -> dict[str, f
 
 
 def run_training(run: TrainingRun) -> TrainingResult | None:
-    """Train and export; the result on the main process, None on the others."""
+    """Train and export; the result on the main process, None on the others. With a state location,
+    an empty `<out>/state/` is first filled from it, and every checkpoint is mirrored there."""
+    sync = StateSync(run.state_uri) if run.state_uri else None
     info = open_dataset(run.dataset)
     info.shard_counts("train")  # fails early, naming the dataset, when the train split is empty
     check_resume_compatible(run.out_dir, run.config, run.frozen_sections)
     env = distributed.setup()
     try:
-        return _train(run, info, env)
+        if sync is not None:
+            if env.is_main and latest_checkpoint(run.out_dir / "state") is None:
+                sync.restore(run.out_dir / "state", run.out_dir / METRICS_FILE, run.out_dir / "checkpoints")
+            distributed.barrier()  # the other ranks read what the main one restored
+            check_resume_compatible(run.out_dir, run.config, run.frozen_sections)
+        return _train(run, info, env, sync)
     finally:
         distributed.teardown()
 
 
-def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult | None:
+def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv, sync: StateSync | None) -> TrainingResult | None:
     out_dir, recipe = run.out_dir, run.recipe
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = run.batches(info, env)
@@ -108,6 +120,9 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
                      images_per_step=run.train.batch_size * env.world_size,
                      meta={"config": dump_config(run.config)},
                      callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
+    if sync is not None:
+        loop.checkpointer.on_saved = lambda path: sync.push(
+            path, loop.metrics_path, [export for _, export in list_teacher_checkpoints(out_dir)])
     every = run.train.teacher_every() if run.periodic_exports else 0
     if every:  # on every rank: under FSDP2 the export gathers the teacher collectively
         loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, env, step) if step % every == 0 else None)
@@ -129,8 +144,12 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv) -> TrainingResult 
         how = f"; load with gramline.models.io.load_backbone or timm {manifest['timm']['name']}"
     else:
         how = ""
+    dropped = lean_export(out_dir, run.stage, run.train.export, run.artifact)
+    if dropped:
+        how += f"; without {' and '.join(f'{name}/' for name in dropped)} (train.export)"
     print(f"[{run.stage}] model written to {out_dir} (step {loop.step}{how})", flush=True)
-    return TrainingResult(manifest, metadata)
+    events = out_dir / TENSORBOARD_DIR
+    return TrainingResult(manifest, metadata, events if run.train.loggers.tensorboard and events.is_dir() else None)
 
 
 def _teacher_checkpoint(run: TrainingRun, loop: TrainLoop, env: DistEnv, step: int) -> None:

@@ -252,12 +252,14 @@ def load_adapt_config(preset: str, config_file: Path | str | None = None, overri
 
 
 def run_tree(run_config: Mapping[str, Any], flag: str) -> dict[str, Any]:
-    """The DINO part of a run's recorded config (an earlier stage's phase section and how that run
-    started are dropped: they describe that run, not the one continuing it)."""
+    """The DINO part of a run's recorded config (an earlier stage's phase section, how that run
+    started and what it exported are dropped: they describe that run, not the one continuing it)."""
     if not run_config:
         raise InputError(f"{flag} manifest.json", "records no training config",
                          "a Model artifact written by a gramline DINO stage (pretrain, gram, highres)")
     tree = {k: copy.deepcopy(v) for k, v in run_config.items() if k not in ("phase", "init")}
+    if isinstance(tree.get("train"), dict):
+        tree["train"].pop("export", None)
     try:
         return DinoConfig.model_validate(tree).model_dump(mode="json")
     except ValidationError as err:  # e.g. an anchor artifact, or a manifest of another version
