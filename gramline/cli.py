@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
 
-STAGES = ("curate", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark")
+STAGES = ("curate", "curate_plan", "curate_partition", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark")
 
 
 def _data_main(argv: Sequence[str]) -> int:

@@ -99,7 +99,8 @@ def test_resolve_command_fills_every_placeholder(tmp_path: Path, small_dataset: 
     flags = dict(zip(command[3::2], command[4::2]))
     assert flags["--dataset"] == str(small_dataset) and flags["--out-model"] == str(out)
     assert flags["--executor-output"] == str(tmp_path / "eo.json")
-    assert flags["--output-uri"] == f"model={out}"
+    uris = [value for flag, value in zip(command[3::2], command[4::2]) if flag == "--output-uri"]
+    assert uris[0] == f"model={out}"  # and the ones of the outputs not named (the KFP UI file of a training stage)
     assert flags["--preset"] == "tiny" and json.loads(flags["--overrides"]) == {"train.steps": 3}
 
 

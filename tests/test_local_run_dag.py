@@ -44,11 +44,15 @@ def check_dag_outputs(run_dir: Path) -> None:
 
     models = [s.name for s in active_stages() if s.produces_model]
     tasks = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
-    assert tasks == {"curate", *models, "benchmark"}
+    assert tasks == {"curate-plan", "curate", *models, "benchmark"}
     for task in tasks:  # the executor output names each artifact with its URI
         written = json.loads((run_dir / task / "executor_output.json").read_text())["artifacts"]
         for name, entry in written.items():
             assert entry["artifacts"][0]["uri"] == str(run_dir / task / name)
+        if "mlpipeline_ui_metadata" in written:  # a training task: the KFP UI's TensorBoard viewer of its Model
+            viewers = json.loads((run_dir / task / "mlpipeline_ui_metadata").read_text())["outputs"]
+            assert viewers == [{"type": "tensorboard", "source": str(run_dir / task / "model" / "tensorboard")}]
+            assert list((run_dir / task / "model" / "tensorboard").glob("events.out.tfevents.*"))
 
     dataset = json.loads((run_dir / "curate" / "dataset" / "manifest.json").read_text())
     assert dataset["kind"] == "Dataset" and dataset["splits"]["train"] > 0 and dataset["splits"]["eval"] > 0

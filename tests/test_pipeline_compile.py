@@ -3,6 +3,7 @@ retries and caching, compiled by `pipeline/compile.py` itself."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ IMAGE = "registry.example.com:5000/ml/gramline:0.1.0"
 # The DAG's edges, written out independently of gramline.kfp.pipeline's table:
 # (consumer task, input) -> (producer task, output).
 EDGES = {
+    ("curate", "parts"): ("curate-partitions", "Output"),  # curate's fan-out (plan -> partitions -> reduce)
     ("pretrain", "dataset"): ("curate", "dataset"),
     ("anchor", "pretrained"): ("pretrain", "model"),
     ("anchor", "dataset"): ("curate", "dataset"),
@@ -45,6 +47,13 @@ EDGES = {
 }
 STAGES = ["curate", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark"]
 TRAINING = ["pretrain", "gram", "highres", "distill", "align"]
+
+
+def build_tag(*args: str) -> str:
+    """The tag `images/build.py` gives the image it builds (no Docker needed for --print-tag)."""
+    done = subprocess.run([sys.executable, str(REPO / "images" / "build.py"), "--print-tag", *args], check=True,
+                          capture_output=True, text=True, timeout=60)
+    return done.stdout.strip()
 
 
 def compile_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -70,15 +79,22 @@ def test_every_stage_exists_in_this_build() -> None:
 def test_one_container_executor_per_stage_with_the_image_and_stage_command(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert sorted(executors) == sorted(f"exec-{s}" for s in STAGES)
+    assert {f"exec-{s}" for s in STAGES} <= set(executors)  # (curate's fan-out adds its own)
+    for name, executor in executors.items():
+        assert executor["container"]["image"] == IMAGE, name
     for stage in STAGES:
         container = executors[f"exec-{stage}"]["container"]
         assert container["image"] == IMAGE
-        assert container["command"] == ["python", "-m", f"gramline.stages.{stage}"]
+        # the training tasks' commands start one process per GPU: tests/test_torchrun_compiled.py runs them
+        command = container["command"]
+        assert command[0] == "python" and command[-2:] == ["-m", f"gramline.stages.{stage}"]
+        if stage not in TRAINING:
+            assert command == ["python", "-m", f"gramline.stages.{stage}"]
+        assert not any("python3" in str(a) for a in command)
         args = container["args"]
         assert args[args.index("--executor-output") + 1] == "{{$.outputs.output_file}}"
         assert not any("python3" in str(a) for a in args)
-    assert sorted(spec["root"]["dag"]["tasks"]) == sorted(STAGES)
+    assert set(STAGES) <= set(spec["root"]["dag"]["tasks"])
 
 
 def _flag(args: list[Any], flag: str) -> Any:
@@ -109,6 +125,12 @@ def test_artifact_placeholders_follow_the_dag_edges(compiled: tuple[dict, dict])
         assert _flag(args[stage], "--out-model") == out_model
         assert _flag(args[stage], "--output-uri") == '{"Concat": ["model=", "{{$.outputs.artifacts[\'model\'].uri}}"]}'
         assert _flag(args[stage], "--overrides") == "{{$.inputs.parameters['overrides']}}"
+        # the trained ones also write the KFP UI's TensorBoard viewer file and name its URI
+        ui = "{{$.outputs.artifacts['mlpipeline_ui_metadata'].%s}}"
+        assert ("--out-ui-metadata" in args[stage]) == (stage != "anchor")
+        if stage != "anchor":
+            assert _flag(args[stage], "--out-ui-metadata") == ui % "path"
+            assert f'{{"Concat": ["mlpipeline_ui_metadata=", "{ui % "uri"}"]}}' in args[stage]
     bench = args["benchmark"]
     models = [bench[i + 1] for i, a in enumerate(bench) if a == "--model"]
     assert models == [
@@ -177,9 +199,15 @@ def test_kubernetes_settings_per_task(compiled: tuple[dict, dict]) -> None:
         assert secret["secretName"] == "gramline-s3"
         assert {(e["secretKey"], e["envVar"]) for e in secret["keyToEnv"]} >= {
             ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
-        assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        # only the training tasks are pinned to a GPU product; every task has a GPU and tolerates its taint
+        if stage in TRAINING:
+            assert k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        else:
+            assert "nodeSelector" not in k8s
         assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert int(k8s["activeDeadlineSeconds"]) > 0
+        context = k8s["securityContext"]
+        assert context["runAsNonRoot"] is True and int(context["runAsUser"]) > 0
     executors = spec["deploymentSpec"]["executors"]
     for stage in TRAINING:
         resources = executors[f"exec-{stage}"]["container"]["resources"]
@@ -213,7 +241,7 @@ def test_tiny_preset_defaults_and_no_gpu(tmp_path: Path) -> None:
     assert params["preset"] == ("STRING", "tiny")
     assert params["source"][1].startswith("synthetic:")
     assert params["pretrain_overrides"][1]["train.steps"] == 8
-    assert pipeline.images() == {"gramline:0.1.0"}
+    assert pipeline.images() == {build_tag()}  # the CPU image, tagged as images/build.py tags it
     executors = pipeline.platform["kubernetes"]["deploymentSpec"]["executors"]
     assert all("secretAsEnv" not in e and "tolerations" not in e for e in executors.values())
     container = pipeline.executor("pretrain").container
@@ -283,7 +311,8 @@ def test_a_stage_missing_from_the_build_drops_out_with_its_downstream(tmp_path: 
     out = tmp_path / "p.yaml"
     compiler.Compiler().compile(gp.build_pipeline(gp.deployment_profile("tiny"), available=available), str(out))
     spec = next(yaml.safe_load_all(out.read_text()))
-    assert sorted(spec["root"]["dag"]["tasks"]) == ["anchor", "benchmark", "curate", "pretrain"]
+    assert sorted(spec["root"]["dag"]["tasks"]) == ["anchor", "benchmark", "curate", "curate-partitions", "curate-plan",
+                                                    "pretrain"]
     assert sorted(spec["root"]["dag"]["tasks"]["benchmark"]["inputs"]["artifacts"]) == ["anchor", "eval_dataset", "pretrain"]
 
 
@@ -305,3 +334,127 @@ def test_profile_is_the_new_name_of_preset(tmp_path: Path) -> None:
     assert list(yaml.safe_load_all(by_profile.read_text())) == list(yaml.safe_load_all(by_preset.read_text()))
     done = compile_cli(tmp_path, "--profile", "huge", "--output", str(tmp_path / "x.yaml"))
     assert done.returncode == 2 and "--profile: 'huge' is not a deployment profile" in done.stderr
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_gpu_profiles_name_the_cuda_image_build_py_tags_under_the_registry(tmp_path: Path) -> None:
+    out = tmp_path / "g.yaml"
+    done = compile_cli(tmp_path, "--profile", "vits16", "--image-registry", "registry.example.com:5000/ml/",
+                       "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    tag = build_tag("--variant", "cuda", "--image-registry", "registry.example.com:5000/ml")
+    assert load_compiled(out).images() == {tag}
+    name, version_hash = tag.rsplit(":", 1)
+    assert name == "registry.example.com:5000/ml/gramline-cuda"
+    version, digest = version_hash.split("-")
+    assert version == __import__("gramline").__version__ and len(digest) == 16 and int(digest, 16) >= 0
+
+
+def test_image_tag_changes_with_what_goes_into_the_image(tmp_path: Path) -> None:
+    """The tag's hash covers the sources, the lock file and the Dockerfiles, and nothing else."""
+    from gramline.kfp.profiles import image_reference
+
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "gramline", repo / "gramline", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "images").mkdir()
+    for name in ("pyproject.toml", "constraints.txt", "README.md", "images/Dockerfile", "images/Dockerfile.cpu"):
+        shutil.copy(REPO / name, repo / name)
+    tags = [image_reference("cuda", repo=repo)]
+    for name in ("gramline/stages/pretrain.py", "constraints.txt", "images/Dockerfile", "images/Dockerfile.cpu",
+                 "pyproject.toml", "README.md"):
+        with open(repo / name, "a") as fh:
+            fh.write("\n# changed\n")
+        tags.append(image_reference("cuda", repo=repo))
+    assert len(set(tags[:-1])) == 6  # every image input changed the tag
+    assert tags[-1] == tags[-2]  # the README is no part of the image
+    assert image_reference("cuda", repo=repo) == tags[-1]  # same content, same tag
+
+
+# --------------------------------------------------------------------------- scheduling options
+
+
+def test_scheduling_options_reach_the_tasks(tmp_path: Path) -> None:
+    out = tmp_path / "g.yaml"
+    done = compile_cli(tmp_path, "--profile", "vitl16", "--train-gpus", "4", "--gpu-product", "NVIDIA-A100-SXM4-80GB",
+                       "--memory", "400Gi", "--ephemeral-storage", "500Gi", "--node-selector", "pool=train",
+                       "--node-selector", "example.com/zone=a", "--toleration", "dedicated=ml:NoSchedule",
+                       "--toleration", "spot", "--queue", "team-a", "--image-pull-secret", "regcred",
+                       "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    spec, platform = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    executors, k8s = spec["deploymentSpec"]["executors"], platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for stage in STAGES:
+        task = k8s[f"exec-{stage}"]
+        container = executors[f"exec-{stage}"]["container"]
+        selector = task["nodeSelector"]["labels"]
+        assert {k: selector[k] for k in ("pool", "example.com/zone")} == {"pool": "train", "example.com/zone": "a"}
+        assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in task["tolerations"]
+        assert {"key": "spot", "operator": "Exists"} in task["tolerations"]
+        assert task["podMetadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a"}
+        assert [s["secretName"] for s in task["imagePullSecret"]] == ["regcred"]
+        scratch = [m for m in task["emptyDirMounts"] if m["mountPath"] == "/scratch"]
+        resources = container["resources"]
+        if stage in TRAINING:
+            assert selector["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
+            assert resources["accelerator"]["resourceCount"] == "4"
+            assert int(resources["resourceCpuLimit"]) == 96 // 2  # the profile's CPUs per GPU, for half the GPUs
+            assert resources["resourceMemoryLimit"] == "400Gi"
+            assert [m["sizeLimit"] for m in scratch] == ["500Gi"] and "medium" not in scratch[0]
+            assert {"name": "TMPDIR", "value": "/scratch"} in container["env"]
+        else:
+            assert "nvidia.com/gpu.product" not in selector
+            assert resources["accelerator"]["resourceCount"] == "1"
+            assert resources["resourceMemoryLimit"] != "400Gi" and not scratch
+
+
+def test_the_tiny_profile_with_gpus_for_training(tmp_path: Path) -> None:
+    """--train-gpus gives a CPU profile's training tasks GPUs (any product) and leaves the others alone."""
+    out = tmp_path / "g.yaml"
+    assert compile_cli(tmp_path, "--profile", "tiny", "--train-gpus", "2", "--output", str(out)).returncode == 0
+    pipeline = load_compiled(out)
+    for stage in STAGES:
+        count = pipeline.executor(stage).container.resources.accelerator.resource_count
+        assert (count == "2") if stage in TRAINING else not count
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-gpus", "-1"], "--train-gpus -1: is negative"),
+    (["--memory", "lots"], "--memory 'lots': is not a Kubernetes quantity"),
+    (["--ephemeral-storage", "1 TB"], "--ephemeral-storage '1 TB': is not a Kubernetes quantity"),
+    (["--node-selector", "pool"], "--node-selector 'pool': is malformed"),
+    (["--node-selector", "pool=a b"], "--node-selector 'pool=a b': is not a valid Kubernetes label"),
+    (["--toleration", "dedicated=ml:Sometimes"], "--toleration 'dedicated=ml:Sometimes': has the effect 'Sometimes'"),
+    (["--queue", "team a"], "--queue 'team a': is not a valid Kubernetes label"),
+    (["--gpu-product", "H100 80GB"], "--gpu-product 'H100 80GB': is not a valid Kubernetes label"),
+    (["--image-registry", "Not A Registry"], "--image-registry 'Not A Registry': is not a registry path"),
+])
+def test_bad_scheduling_options_give_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    done = compile_cli(tmp_path, *args, "--output", str(tmp_path / "x.yaml"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+# --------------------------------------------------------------------------- runtime preset vs compiled GPUs
+
+
+@pytest.mark.parametrize("preset, gpus, warned", [
+    ("vits16", 8, True),   # sized for one GPU (profile vits16), compiled with 8: another global batch
+    ("vitl16", 1, True),
+    ("vitl16", 0, True),   # a GPU recipe in a CPU task
+    ("tiny", 8, True),     # a smoke test on the cluster: allowed, said
+    ("vitl16", 8, False),
+    ("vits16", 1, False),
+    ("tiny", 0, False),
+    ("vitb16", 4, False),  # no deployment profile sizes it: nothing to compare with
+])
+def test_a_stage_warns_when_the_preset_does_not_fit_its_compiled_gpus(
+        capsys: pytest.CaptureFixture[str], preset: str, gpus: int, warned: bool) -> None:
+    from gramline.stages.common import stage_parser
+
+    args = stage_parser("pretrain", "x").parse_args(["--preset", preset, "--gpus", str(gpus)])
+    assert args.preset == preset
+    err = capsys.readouterr().err
+    assert ("warning: the `preset` parameter" in err and repr(preset) in err) == warned, err

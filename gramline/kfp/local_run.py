@@ -1,7 +1,7 @@
 """`gramline run` and `gramline rerun`: the compiled pipeline on one machine, without a cluster.
 
     gramline run [--profile tiny] [--runner process|docker] [--root DIR] [--pipeline FILE]
-                 [--image IMAGE] [--param KEY=VALUE ...] [--cache] [docker options]
+                 [--image IMAGE] [--train-gpus N] [--param KEY=VALUE ...] [--cache] [docker options]
     gramline rerun STAGE [--runner docker|process] --input NAME=PATH ... [--output NAME=PATH ...]
                  [--out-dir DIR] [--set key=value ...] [--profile P | --pipeline FILE] [--image IMAGE]
                  [--param KEY=VALUE ...] [docker options]
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
-from gramline.kfp.profiles import add_profile_option, deployment_profile
-from gramline.stages.common import StageArgumentParser, parse_named
+from gramline.kfp.profiles import add_profile_option, add_scheduling_options, scheduled_profile
+from gramline.stages.common import UI_METADATA, StageArgumentParser, parse_named
 
 PROCESS_HOOKS = ("validate_image", "validate_not_container_component", "validate_not_containerized_python_component")
 PINNED_KFP = "2.17.3"
@@ -104,7 +104,9 @@ def _common_options(parser: argparse.ArgumentParser, default_runner: str) -> Non
     add_profile_option(parser, default="tiny")
     parser.add_argument("--pipeline", type=Path, default=None,
                         help="a compiled pipeline YAML to run instead of compiling one")
-    parser.add_argument("--image", default=None, help="image to compile the pipeline with (default: gramline:VERSION)")
+    parser.add_argument("--image", default=None, help="image to compile the pipeline with (default: the profile's, "
+                                                     "as images/build.py tags it: gramline[-cuda]:VERSION-HASH)")
+    add_scheduling_options(parser, kubernetes=False)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="pipeline parameter, repeatable (values as JSON like `kfp run submit`)")
     parser.add_argument("--shm-size", default="2g", help="docker: /dev/shm size (default 2g)")
@@ -120,12 +122,15 @@ def _pipeline(args: argparse.Namespace, workdir: Path) -> Any:
     if args.pipeline is not None:
         if args.image is not None:
             raise InputError("--image", "cannot be combined with --pipeline", "the image the compiled YAML names")
+        if args.train_gpus is not None:
+            raise InputError("--train-gpus", "cannot be combined with --pipeline", "the GPUs the compiled YAML names")
         return compiled.load_compiled(args.pipeline)
-    from gramline.kfp.components import DEFAULT_IMAGE, check_image
+    from gramline.kfp.components import check_image
+    from gramline.kfp.pipeline import default_image
 
-    image = check_image(args.image or DEFAULT_IMAGE)
-    profile = deployment_profile(args.profile, flag=args.profile_flag)
-    return compiled.compile_to(workdir, profile.name, image)
+    profile = scheduled_profile(args)
+    image = check_image(args.image) if args.image else default_image(profile)
+    return compiled.compile_to(workdir, profile, image)  # type: ignore[arg-type]  # a customized profile
 
 
 def _arguments(pipeline: Any, items: Sequence[str]) -> dict[str, Any]:
@@ -318,13 +323,17 @@ STAGED_ARTIFACTS = frozenset({"system.Metrics", "system.HTML", "system.Markdown"
 
 
 def staged_outputs(pipeline: Any, stage: str) -> set[str]:
+    """Those outputs of `stage`: the small-artifact types and the training stages' KFP UI file."""
     specs = pipeline.component(stage).output_definitions.artifacts
-    return {name for name, spec in specs.items() if spec.artifact_type.schema_title in STAGED_ARTIFACTS}
+    return {name for name, spec in specs.items()
+            if spec.artifact_type.schema_title in STAGED_ARTIFACTS or name == UI_METADATA}
 
 
 # The config schema each stage validates its `--set` keys against ("module:Class").
 CONFIG_SCHEMAS = {
     "curate": "gramline.curate.config:CurateConfig",
+    "curate_plan": "gramline.curate.config:CurateConfig",
+    "curate_partition": "gramline.curate.config:CurateConfig",
     "pretrain": "gramline.train.recipes.dino.config:DinoConfig",
     "anchor": "gramline.eval.anchor:AnchorConfig",
     "gram": "gramline.train.recipes.dino.config:GramStageConfig",
