@@ -1,7 +1,15 @@
 """Build the gramline image, with or without a registry (CI, air-gapped hosts).
 
-    python images/build.py [--variant cpu|cuda] [--tag TAG] [--base auto|registry|debootstrap]
-                           [--online] [--force] [--cache DIR]
+    python images/build.py [--variant cpu|cuda] [--tag TAG | --image-registry REG] [--base auto|registry|debootstrap]
+                           [--online] [--force] [--cache DIR] [--print-tag]
+    python images/build.py --write-constraints      # constraints.txt from this Python environment
+
+The default tag is `[REG/]gramline:<version>-<content hash>` (cpu) or `[REG/]gramline-cuda:...`
+(cuda): the hash covers what goes into the image (gramline/, pyproject.toml, constraints.txt, the
+Dockerfiles; gramline.kfp.profiles.image_reference), so changed content gets a new tag, and
+`pipeline/compile.py` names the same tag by default. `--print-tag` prints it and exits. Every
+dependency is installed with `pip install -c constraints.txt`, as .ci/run installs the test
+environment, so the image runs the versions the tests ran (torch included).
 
 Any host Python >= 3.10 and a Docker daemon you may use (root or the docker group). For the CPU
 variant, by default:
@@ -17,16 +25,16 @@ variant, by default:
    the build from 127.0.0.1 over HTTP (`--network host`), so they never enter a layer.
 --online builds images/Dockerfile (or .cpu) against its default base and PyPI instead.
 
-An existing TAG is kept when its `gramline.source` label matches this checkout's source hash
-(gramline/, pyproject.toml, the Dockerfiles); otherwise, or with --force, it is rebuilt. Needs a running Docker daemon (.ci/docker.sh starts one).
+An existing TAG is kept when its `gramline.source` label matches this checkout's content hash;
+otherwise, or with --force, it is rebuilt. Needs a running Docker daemon (.ci/docker.sh starts one).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
-import hashlib
 import http.server
 import os
 import platform
@@ -60,10 +68,16 @@ def quiet(command: list[str]) -> None:
         sys.exit(f"build.py: error: {' '.join(command[:4])} ... exited with {done.returncode}")
 
 
-def version() -> str:
-    sys.path.insert(0, str(REPO))
-    from gramline import __version__
+sys.path.insert(0, str(REPO))  # gramline from this checkout, whatever the host Python has installed
+from gramline import __version__
+from gramline.kfp.profiles import content_hash, image_reference  # one tag for build and compile
 
+CONSTRAINTS = REPO / "constraints.txt"
+IMAGE_EXTRAS = "curate,cluster"  # what the image installs: the Dockerfiles' GRAMLINE_EXTRAS default, passed as a build arg
+CONSTRAINED_EXTRAS = ("test",)  # constraints.txt covers gramline's dependencies and these extras'
+
+
+def version() -> str:
     return __version__
 
 
@@ -92,14 +106,55 @@ def image_labels(client, tag: str) -> dict[str, str] | None:
         return None
 
 
-def source_hash() -> str:
-    """sha256 over what goes into the image: the package sources, pyproject.toml, the Dockerfiles."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in (REPO / "gramline").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    files += [REPO / "pyproject.toml", REPO / "images" / "Dockerfile", REPO / "images" / "Dockerfile.cpu"]
-    for path in files:
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+def installed_requirements(extras: tuple[str, ...] = CONSTRAINED_EXTRAS) -> dict[str, str]:
+    """Every distribution gramline[extras] needs, transitively, with its version in this environment
+    (environment markers evaluated here), by canonical name; gramline itself excluded."""
+    import tomllib  # Python >= 3.11
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]  # this checkout's, not the installed
+    optional = project["optional-dependencies"]
+    pinned: dict[str, str] = {}
+    todo: list[tuple[str, set[str]]] = [("gramline", set(extras))]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        name, wanted = todo.pop()
+        if (name, frozenset(wanted)) in seen:
+            continue
+        seen.add((name, frozenset(wanted)))
+        if name == "gramline":
+            requires = [*project["dependencies"], *(r for e in sorted(wanted) for r in optional[e])]
+        else:
+            dist = metadata.distribution(name)
+            pinned[name] = dist.version
+            requires = dist.requires or []
+        for text in requires:
+            req = Requirement(text)
+            if canonicalize_name(req.name) == "gramline":
+                todo.append(("gramline", set(req.extras)))
+                continue
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ({""} | wanted)):
+                todo.append((canonicalize_name(req.name), set(req.extras)))
+    return dict(sorted(pinned.items()))
+
+
+def write_constraints(path: Path = CONSTRAINTS) -> None:
+    lines = [f"{name}=={ver.split('+')[0]}" for name, ver in installed_requirements().items()]
+    header = ("# Generated by `python images/build.py --write-constraints` from the test environment: every\n"
+              "# dependency of gramline[test] (all its extras but mlflow), pinned. images/build.py and .ci/run\n"
+              "# install with `pip install -c constraints.txt`, so the image runs what the tests ran.\n")
+    path.write_text(header + "".join(f"{line}\n" for line in lines))
+    log(f"{path}: {len(lines)} pins")
+
+
+def pinned_version(package: str) -> str | None:
+    """`package`'s version in constraints.txt."""
+    for line in CONSTRAINTS.read_text().splitlines():
+        name, sep, ver = line.partition("==")
+        if sep and name.strip().lower() == package:
+            return ver.strip()
+    return None
 
 
 def base_image(client, cache: Path, how: str) -> str:
@@ -178,21 +233,12 @@ def image_platform_args() -> list[str]:
             *(arg for tag in tags for arg in ("--platform", tag))]
 
 
-def host_version(package: str) -> str | None:
-    """The host's installed version of `package` without its local label (2.14.1+cu130 -> 2.14.1)."""
-    try:
-        return metadata.version(package).split("+")[0]
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def cpu_torch(house: Path) -> list[str]:
-    """CPU builds of the host's torch and torchvision into `house`, from the host's pip sources or
-    PyTorch's CPU index; the pins that select them, or [] when neither has them."""
-    versions = {name: host_version(name) for name in ("torch", "torchvision")}
+    """CPU builds of constraints.txt's torch and torchvision into `house`, from the host's pip sources
+    or PyTorch's CPU index; the pins that select them, or [] when neither has them."""
+    versions = {name: pinned_version(name) for name in ("torch", "torchvision")}
     if not all(versions.values()):
-        log("torch/torchvision are not installed on this host: the image takes what pip resolves")
-        return []
+        sys.exit(f"build.py: error: {CONSTRAINTS} pins no torch/torchvision (python images/build.py --write-constraints)")
     pins = [f"{name}=={version}+cpu" for name, version in versions.items()]
     for where, extra in (("the host's pip sources", []), (CPU_INDEX, ["--index-url", CPU_INDEX])):
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(house), "--timeout",
@@ -205,7 +251,7 @@ def cpu_torch(house: Path) -> list[str]:
 
 
 def wheelhouse(wheel: Path, cache: Path, variant: str) -> Path:
-    """Every dependency wheel of gramline[curate] for the image, from the host pip's own sources."""
+    """Every dependency wheel of gramline[IMAGE_EXTRAS] for the image, from the host pip's own sources."""
     started = time.monotonic()
     house = cache / f"wheelhouse-{variant}"
     house.mkdir(parents=True, exist_ok=True)
@@ -213,11 +259,11 @@ def wheelhouse(wheel: Path, cache: Path, variant: str) -> Path:
     pins = cpu_torch(house) if variant == "cpu" else []
     constraints.write_text("".join(f"{pin}\n" for pin in pins))
     if variant == "cpu" and not pins:
-        log(f"WARNING: no CPU build of torch {host_version('torch')} is reachable (neither the host's pip sources "
+        log(f"WARNING: no CPU build of torch {pinned_version('torch')} is reachable (neither the host's pip sources "
             f"nor {CPU_INDEX}): this CPU image carries the CUDA build and its NVIDIA libraries (~3 GB more); "
             "it runs on CPUs all the same")
     quiet([sys.executable, "-m", "pip", "download", *image_platform_args(), "-d", str(house), "--find-links",
-           str(house), "-c", str(constraints), f"{wheel}[curate]"])
+           str(house), "-c", str(constraints), "-c", str(CONSTRAINTS), f"{wheel}[{IMAGE_EXTRAS}]"])
     (house / wheel.name).unlink(missing_ok=True)  # the build takes gramline from its context
     wheels = sorted(house.glob("*.whl"))
     nvidia = sum(p.stat().st_size for p in wheels if p.name.startswith(("nvidia_", "cuda_", "triton-"))) >> 20
@@ -251,10 +297,12 @@ def docker_build(client, context: Path, dockerfile: Path, tag: str, buildargs: d
     log(f"docker build {dockerfile.name} -> {tag} ({', '.join(f'{k}={v}' for k, v in buildargs.items())})")
     stream = client.api.build(path=str(context), dockerfile="Dockerfile", tag=tag, buildargs=buildargs,
                               labels=labels, network_mode="host", rm=True, forcerm=True, decode=True)
+    recent: collections.deque[str] = collections.deque(maxlen=40)  # the failing step's last output lines
     for chunk in stream:
         if "error" in chunk:
-            sys.exit(f"build.py: error: docker build failed: {chunk['error'].strip()}")
+            sys.exit("\n".join([*recent, f"build.py: error: docker build failed: {chunk['error'].strip()}"]))
         text = chunk.get("stream", "").rstrip()
+        recent.extend(text.splitlines())
         if text.startswith(("Step ", "Successfully built", "Successfully tagged")):
             log(f"{text}  [{time.monotonic() - started:.0f} s]")
     size = client.images.get(tag).attrs.get("Size", 0)
@@ -264,7 +312,13 @@ def docker_build(client, context: Path, dockerfile: Path, tag: str, buildargs: d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="images/build.py", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--tag", default=None, help="default gramline:<version> (cpu) or gramline:<version>-cuda")
+    tags = parser.add_mutually_exclusive_group()
+    tags.add_argument("--tag", default=None,
+                      help="default [REG/]gramline:<version>-<content hash> (cpu) or [REG/]gramline-cuda:... (cuda)")
+    tags.add_argument("--image-registry", default=None, metavar="REG", help="registry (and path) of the default tag")
+    parser.add_argument("--print-tag", action="store_true", help="print the tag this build would make, and exit")
+    parser.add_argument("--write-constraints", action="store_true",
+                        help=f"write {CONSTRAINTS.name} from this Python environment's versions, and exit")
     parser.add_argument("--base", choices=("auto", "registry", "debootstrap"), default="auto",
                         help=f"base image: {REGISTRY_BASE} from a registry, or debootstrapped here (root); auto: "
                              "an existing one, else the registry, else debootstrap")
@@ -272,31 +326,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gramline-image")
     args = parser.parse_args(argv)
-    tag = args.tag or (f"gramline:{version()}" + ("-cuda" if args.variant == "cuda" else ""))
+    if args.write_constraints:
+        write_constraints()
+        return 0
+    tag = args.tag or image_reference(args.variant, args.image_registry)
+    if args.print_tag:
+        print(tag)
+        return 0
     if args.variant == "cuda" and not args.online:
         sys.exit("build.py: error: the CUDA variant builds on a registry base image: add --online")
     client = docker_client()
-    labels = {"gramline.source": source_hash(), "gramline.variant": args.variant}
+    labels = {"gramline.source": content_hash(), "gramline.variant": args.variant}
     existing = image_labels(client, tag)
     if existing is not None and not args.force:
         if existing.get("gramline.source") == labels["gramline.source"]:
             log(f"image {tag} exists and matches this checkout ({labels['gramline.source']}); nothing to do")
             return 0
         log(f"image {tag} was built from other sources ({existing.get('gramline.source')}); rebuilding")
+    same = client.images.list(filters={"label": [f"{key}={value}" for key, value in labels.items()]})
+    if same and not args.force:  # this content, built under another tag (e.g. the default one): tag it too
+        from docker.utils import parse_repository_tag
+
+        same[0].tag(*parse_repository_tag(tag))
+        log(f"image {same[0].tags[0] if same[0].tags else same[0].short_id} has this content; tagged {tag}")
+        return 0
     started = time.monotonic()
     args.cache.mkdir(parents=True, exist_ok=True)
     dockerfile = REPO / "images" / ("Dockerfile" if args.variant == "cuda" else "Dockerfile.cpu")
     with tempfile.TemporaryDirectory(prefix="gramline-context-") as tmp:
         context = Path(tmp)
         wheel = gramline_wheel(context)
+        shutil.copy(CONSTRAINTS, context / "constraints.txt")
         if args.online:
-            docker_build(client, context, dockerfile, tag, {}, labels)
+            docker_build(client, context, dockerfile, tag, {"GRAMLINE_EXTRAS": IMAGE_EXTRAS}, labels)
         else:
             base = base_image(client, args.cache, args.base)
             house = wheelhouse(wheel, args.cache, args.variant)
             with serve(house) as url:
                 docker_build(client, context, dockerfile, tag,
-                             {"BASE_IMAGE": base, "PIP_INSTALL_ARGS": f"--no-index --find-links {url}"}, labels)
+                             {"BASE_IMAGE": base, "PIP_INSTALL_ARGS": f"--no-index --find-links {url}",
+                              "GRAMLINE_EXTRAS": IMAGE_EXTRAS}, labels)
     log(f"done: {tag} in {time.monotonic() - started:.0f} s")
     return 0
 
