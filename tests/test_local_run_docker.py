@@ -80,6 +80,26 @@ def test_image_runs_stages_as_a_non_root_user_without_an_entrypoint(client: obje
 
 
 
+def test_the_image_installs_the_versions_ci_tests(client: object, image: str) -> None:
+    """Every package of the image that constraints.txt pins (the lock file .ci/run installs the test
+    environment with) has the pinned version; the launcher's kubernetes client is among them."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    listed = output_of(client, image, ["python", "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"])
+    installed = {}
+    for line in listed.splitlines():
+        name, sep, version = line.partition("==")
+        if sep:
+            installed[name.lower().replace("_", "-")] = version.split("+")[0]  # torch's +cpu/+cuXYZ build tag
+    assert "kubernetes" in installed and "torch" in installed
+    wrong = {name: (installed[name], pins[name]) for name in installed.keys() & pins.keys()
+             if installed[name] != pins[name]}
+    assert not wrong, f"image vs constraints.txt: {wrong}"
+
+
 def test_a_directory_under_the_hosts_root_home_is_reachable_by_a_non_root_container(client: object, image: str,
                                                                                      tmp_path: Path) -> None:
     """Directories are mounted at their own paths: one under /root (root's own runs) lands below the

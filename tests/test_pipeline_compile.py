@@ -458,3 +458,17 @@ def test_a_stage_warns_when_the_preset_does_not_fit_its_compiled_gpus(
     assert args.preset == preset
     err = capsys.readouterr().err
     assert ("warning: the `preset` parameter" in err and repr(preset) in err) == warned, err
+
+
+def test_with_a_pvc_curation_keeps_its_partitions_on_it(compiled: tuple[dict, dict], tmp_path: Path) -> None:
+    """A retried or re-run curation skips the partitions already complete only if they outlive the pod:
+    with --pvc, curate's default `partition.work_root` is a directory on the claim's mount; without
+    a claim there is none (partitions live in the task's own artifacts)."""
+    spec, executors = compiled
+    root = spec["root"]["inputDefinitions"]["parameters"]["curate_overrides"]["defaultValue"]["partition.work_root"]
+    mounts = {m["mountPath"] for m in executors["exec-curate"]["pvcMount"]}
+    assert any(Path(root).is_relative_to(mount) for mount in mounts)
+    out = tmp_path / "g.yaml"
+    assert compile_cli(tmp_path, "--profile", "vitl16", "--image", IMAGE, "--output", str(out)).returncode == 0
+    spec = next(d for d in yaml.safe_load_all(out.read_text()) if d)
+    assert "partition.work_root" not in spec["root"]["inputDefinitions"]["parameters"]["curate_overrides"]["defaultValue"]

@@ -1,7 +1,7 @@
 """A compiled training task starts one process per GPU it requests.
 
-The pipeline is compiled by `pipeline/compile.py` for a multi-GPU profile with 2 GPUs per training
-task (so that it runs here: 2 CPU processes, gloo); the test reads the task's GPU count back from
+The pipeline is compiled by `pipeline/compile.py` for the 8-GPU `vitl16` profile (here 8 CPU
+processes, gloo, with the tiny recipe); the test reads the task's GPU count back from
 the YAML and runs the task's own compiled command (`gramline rerun --runner process` fills in its
 placeholders with local directories, as kfp.local does). Every rank of a training stage writes its
 own resumable state file (`state/step-N/rank-R.pt`), so the files counted are the processes that
@@ -61,11 +61,12 @@ def gpu_count(pipeline: Path, stage: str) -> int:
     return int(load_compiled(pipeline).executor(stage).container.resources.accelerator.resource_count or 0)
 
 
-@pytest.mark.slow  # two short pretrain runs (about a minute on 2 CPU cores)
-def test_a_multi_gpu_task_starts_one_process_per_gpu(dataset: Path, tmp_path: Path) -> None:
-    pipeline = compile_profile(tmp_path / "vitl16.yaml", "--profile", "vitl16", "--train-gpus", "2")
+@pytest.mark.slow  # 8 processes of a short pretrain run on 2 CPU cores
+def test_the_vitl16_task_starts_one_process_per_gpu(dataset: Path, tmp_path: Path) -> None:
+    """The compiled `vitl16` YAML as it ships: its 8-GPU pretrain task starts 8 processes."""
+    pipeline = compile_profile(tmp_path / "vitl16.yaml", "--profile", "vitl16")
     gpus = gpu_count(pipeline, "pretrain")
-    assert gpus == 2
+    assert gpus == 8
     model = tmp_path / "model"
     done = run_compiled_pretrain(pipeline, dataset, model)
     assert done.returncode == 0, done.stderr[-3000:]

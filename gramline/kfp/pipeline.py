@@ -284,6 +284,9 @@ def compile_components(directory: Path | str, image: str = DEFAULT_IMAGE,
     stages = active_stages(available)
     components = build_components(image)
     chosen = {s.name: components[s.name] for s in stages}
+    if "curate" in chosen:  # the reduce consumes the partitions the plan and the partition tasks make
+        chosen = {"curate_plan": components["curate_plan"], "curate_partition": components["curate_partition"],
+                  **chosen}
     chosen[BENCHMARK.name] = benchmark_component([s.name for s in stages if s.produces_model], image)
     written = []
     for name, component in chosen.items():

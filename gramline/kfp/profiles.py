@@ -210,7 +210,20 @@ def deployment_profile(name: str, pvc: str | None = None, flag: str = PROFILE_FL
         kind = "pipeline preset" if flag == OLD_PROFILE_FLAG else "deployment profile"  # the older flag's words
         raise InputError(flag, f"{name!r} is not a {kind}", "one of " + ", ".join(PROFILES))
     profile = PROFILES[name]
-    return with_state_root(replace(profile, pvc=pvc) if pvc else profile, state_root)
+    return with_curate_work_root(with_state_root(replace(profile, pvc=pvc) if pvc else profile, state_root))
+
+
+def with_curate_work_root(profile: DeploymentProfile) -> DeploymentProfile:
+    """`profile` keeping curation's partitions and reduce phases on its PVC (`partition.work_root`
+    `<pvc_mount>/gramline-curate`, keyed there by plan id), when a PVC is mounted, the curate tasks
+    are retried and the profile's curate defaults do not name another root: a retried or re-run
+    curation then skips the partitions already complete (gramline.curate.partition)."""
+    curate = profile.overrides.get("curate", {})
+    retried = any(profile.task(stage).retries for stage in ("curate_partition", "curate"))
+    if not profile.pvc or not retried or "partition.work_root" in curate:
+        return profile
+    return replace(profile, overrides={**profile.overrides,
+                                       "curate": {**curate, "partition.work_root": f"{profile.pvc_mount}/gramline-curate"}})
 
 
 def with_state_root(profile: DeploymentProfile, root: str | None) -> DeploymentProfile:
