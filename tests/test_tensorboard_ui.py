@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_trainjob
 import yaml
 from kfp import compiler, dsl, local
 
@@ -150,35 +149,3 @@ def test_rerun_in_docker_stages_the_ui_file_like_the_other_small_outputs() -> No
     assert local_run.staged_outputs(pipeline, "pretrain") == {"mlpipeline_ui_metadata"}
     assert local_run.staged_outputs(pipeline, "anchor") == set()
 
-
-standin = test_trainjob.standin  # the Kubernetes API and Trainer stand-in (a pytest fixture)
-
-
-@pytest.mark.slow
-def test_multinode_task_gives_the_same_ui_file_as_a_single_node_one_standin(
-        standin: tuple[Any, Path], small_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The multinode component run by kfp.local: the nodes write the UI file on the shared volume,
-    naming the KFP Model's URI, and the launcher returns it as its own output beside the Model."""
-    _, kubeconfig = standin
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    component = multinode_component("pretrain", IMAGE, nodes=2, gpus_per_node=0, cpu="1", memory="2Gi",
-                                    shared_root=str(shared), pvc="gramline-data", pvc_mount=str(tmp_path),
-                                    timeout_s=500)
-
-    @dsl.pipeline
-    def one(dataset_dir: str) -> None:
-        data = dsl.importer(artifact_uri=dataset_dir, artifact_class=dsl.Dataset)
-        component(dataset=data.output, preset="tiny", overrides=QUICK, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-
-    with local_run.host_subprocess_runner() as runner:
-        local.init(runner=runner, pipeline_root=str(tmp_path / "root"))
-        one(dataset_dir=str(small_dataset))
-    (task_dir,) = [p.parent for p in (tmp_path / "root").glob("*/pretrain/executor_output.json")]
-    artifacts = written(task_dir)
-    model, ui = artifacts["model"], artifacts["mlpipeline_ui_metadata"]
-    logdir = model["uri"] + "/tensorboard"
-    assert json.loads(Path(ui["uri"]).read_text()) == {"outputs": [{"type": "tensorboard", "source": logdir}]}
-    assert model["metadata"]["tensorboard_logdir"] == logdir and model["metadata"]["trainjob"]
-    assert list(Path(logdir).glob("events.out.tfevents.*"))  # copied with the Model from the shared volume

@@ -324,6 +324,16 @@ def test_kfp_task_trains_pretrain_on_two_nodes_and_a_retry_reattaches_standin(
     assert [e["path"] for e in manifest["inputs"]] == [str(work / "inputs" / "dataset")]  # read on the volume
     outputs = list((tmp_path / "root").rglob("model/manifest.json"))
     assert len(outputs) == 1 and json.loads(outputs[0].read_text()) == manifest  # the task's Model artifact
+    # the nodes' KFP UI file (TensorBoard viewer) comes back as the launcher's own output, naming the
+    # KFP Model's URI, whose event files came back with the Model
+    (task_dir,) = [p.parent for p in (tmp_path / "root").glob("*/pretrain/executor_output.json")]
+    artifacts = {name: value["artifacts"][0] for name, value in
+                 json.loads((task_dir / "executor_output.json").read_text())["artifacts"].items()}
+    model, ui = artifacts["model"], artifacts["mlpipeline_ui_metadata"]
+    logdir = model["uri"] + "/tensorboard"
+    assert json.loads(Path(ui["uri"]).read_text()) == {"outputs": [{"type": "tensorboard", "source": logdir}]}
+    assert model["metadata"]["tensorboard_logdir"] == logdir and model["metadata"]["trainjob"]
+    assert list(Path(logdir).glob("events.out.tfevents.*"))
 
     # a retried launcher (same run id) attaches instead of creating a second TrainJob
     run_id = job["metadata"]["annotations"]["gramline.dev/run-id"]
