@@ -84,6 +84,8 @@ class FaultProxy:
         self._seen: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._start = time.monotonic()
+        self._closed = False  # once closed, nothing more reaches the upstream (a late delayed PUT would)
+        self._forwarding = 0  # requests on their way to the upstream right now
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -108,8 +110,15 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop serving; requests still held (a delay fault) are dropped, and the ones already on
+        their way upstream finish first, so that no request reaches the upstream after this returns."""
+        with self._lock:
+            self._closed = True
         self._server.shutdown()
         self._server.server_close()
+        deadline = time.monotonic() + 30
+        while self._forwarding and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def faults(self, op: str | None = None) -> int:
         return sum(n for (o, _), n in self.injected.items() if op is None or o == op)
@@ -160,6 +169,10 @@ class FaultProxy:
         h.wfile.write(data)
 
     def _forward(self, h: http.server.BaseHTTPRequestHandler, body: bytes) -> tuple[int, list, bytes]:
+        with self._lock:
+            if self._closed:
+                raise ConnectionAbortedError("the fault proxy is closed")
+            self._forwarding += 1
         conn = http.client.HTTPConnection(*self.upstream, timeout=30)
         try:
             headers = {k: v for k, v in h.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
@@ -169,6 +182,8 @@ class FaultProxy:
             return resp.status, resp.getheaders(), resp.read()
         finally:
             conn.close()
+            with self._lock:
+                self._forwarding -= 1
 
 
 def _read_body(h: http.server.BaseHTTPRequestHandler) -> bytes:
