@@ -9,4 +9,6 @@ Needs the `pipeline` extra (`pip install 'gramline[pipeline]'`: kfp, kfp-kuberne
   compiled.py     reading a compiled `gramline.yaml` back (tasks, executors, parameters)
   local_run.py    `gramline run` / `gramline rerun`: the compiled YAML on one machine (kfp.local)
   dockerhost.py   the local Docker daemon those two use with `--runner docker`
+  multinode.py    a training stage's component as the launcher of a Kubeflow Trainer TrainJob (`--nodes N`)
+  trainjob.py     that launcher (`python -m gramline.kfp.trainjob`; needs only the `cluster` extra)
 """

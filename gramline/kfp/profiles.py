@@ -263,7 +263,7 @@ def add_profile_option(parser: argparse.ArgumentParser, default: str) -> None:
 _QUANTITY = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:[EPTGMk]|[EPTGMK]i)?")  # Kubernetes resource quantity (no exponent)
 _LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _LABEL_KEY = re.compile(rf"(?:[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}")
-_LABEL_VALUE = re.compile(rf"(?:{_LABEL_NAME})?")
+LABEL_VALUE = re.compile(rf"(?:{_LABEL_NAME})?")  # a Kubernetes label value (empty, or up to 63)
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
@@ -274,7 +274,7 @@ def _quantity(value: str, flag: str) -> str:
 
 
 def _label(key: str, value: str, flag: str, item: str) -> tuple[str, str]:
-    if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+    if not _LABEL_KEY.fullmatch(key) or not LABEL_VALUE.fullmatch(value):
         raise InputError(f"{flag} {item!r}", "is not a valid Kubernetes label",
                          "KEY=VALUE, KEY [prefix/]name and VALUE up to 63 letters, digits, '-', '_', '.'")
     return key, value

@@ -42,7 +42,7 @@ from typing import Any
 from gramline.artifacts import MANIFEST
 from gramline.errors import InputError
 from gramline.io import atomic_path, emptied_dir
-from gramline.kfp.profiles import S3_SECRET_KEYS
+from gramline.kfp.profiles import LABEL_VALUE, S3_SECRET_KEYS
 from gramline.stages.common import (
     UI_METADATA,
     StageArgumentParser,
@@ -61,7 +61,6 @@ SHARED_VOLUME = "gramline-shared"
 UI_METADATA_FILE = "ui-metadata.json"  # the stage's KFP UI file, as the nodes write it under the TrainJob's directory
 MAX_API_ERRORS = 20  # consecutive failed status reads (5xx, 429, unreachable) before giving up
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 
 class TrainJobFailed(Exception):
@@ -108,7 +107,7 @@ def trainjob_manifest(*, name: str, stage: str, image: str, stage_args: Sequence
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     labels = {"app.kubernetes.io/part-of": "gramline", LABEL_STAGE: stage}
-    if _LABEL_VALUE.fullmatch(run_id) and len(run_id) <= 63:
+    if LABEL_VALUE.fullmatch(run_id):
         labels[LABEL_RUN] = run_id
     metadata: dict[str, Any] = {"name": name, "labels": labels, "annotations": {"gramline.dev/run-id": run_id}}
     if namespace:
