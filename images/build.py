@@ -1,7 +1,7 @@
 """Build the gramline image, with or without a registry (CI, air-gapped hosts).
 
     python images/build.py [--variant cpu|cuda] [--tag TAG | --image-registry REG] [--base auto|registry|debootstrap]
-                           [--online] [--force] [--cache DIR] [--print-tag]
+                           [--online] [--force] [--keep-old] [--cache DIR] [--print-tag]
     python images/build.py --write-constraints      # constraints.txt from this Python environment
 
 The default tag is `[REG/]gramline:<version>-<content hash>` (cpu) or `[REG/]gramline-cuda:...`
@@ -26,7 +26,10 @@ variant, by default:
 --online builds images/Dockerfile (or .cpu) against its default base and PyPI instead.
 
 An existing TAG is kept when its `gramline.source` label matches this checkout's content hash;
-otherwise, or with --force, it is rebuilt. Needs a running Docker daemon (.ci/docker.sh starts one).
+otherwise, or with --force, it is rebuilt. Each build is ~7 GB and every source change makes a new
+one, so once this checkout's image is in place the local images of the same variant built from other
+sources are removed (--keep-old keeps them; an image a container still uses is kept). Needs a
+running Docker daemon (.ci/docker.sh starts one).
 """
 
 from __future__ import annotations
@@ -290,6 +293,22 @@ def serve(directory: Path) -> Iterator[str]:
         server.server_close()
 
 
+def remove_superseded(client, variant: str, source: str) -> None:
+    """Remove the local images of `variant` that earlier builds made from other sources."""
+    import docker
+
+    for image in client.images.list(filters={"label": f"gramline.variant={variant}"}):
+        if (image.labels or {}).get("gramline.source") == source:
+            continue
+        name = ", ".join(image.tags) or image.short_id
+        try:
+            for ref in image.tags or [image.id]:
+                client.images.remove(ref, noprune=False)
+            log(f"removed {name}: built from other sources ({(image.labels or {}).get('gramline.source')})")
+        except docker.errors.APIError as err:  # in use by a container, say: keep it
+            log(f"kept {name}: {err.explanation or err}")
+
+
 def docker_build(client, context: Path, dockerfile: Path, tag: str, buildargs: dict[str, str],
                  labels: dict[str, str]) -> None:
     shutil.copy(dockerfile, context / "Dockerfile")
@@ -324,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                              "an existing one, else the registry, else debootstrap")
     parser.add_argument("--online", action="store_true", help="use the Dockerfile's default base and PyPI")
     parser.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
+    parser.add_argument("--keep-old", action="store_true",
+                        help="keep the local images this variant's earlier builds made from other sources")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gramline-image")
     args = parser.parse_args(argv)
     if args.write_constraints:
@@ -341,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if existing is not None and not args.force:
         if existing.get("gramline.source") == labels["gramline.source"]:
             log(f"image {tag} exists and matches this checkout ({labels['gramline.source']}); nothing to do")
-            return 0
+            return finish(client, args, labels)
         log(f"image {tag} was built from other sources ({existing.get('gramline.source')}); rebuilding")
     same = client.images.list(filters={"label": [f"{key}={value}" for key, value in labels.items()]})
     if same and not args.force:  # this content, built under another tag (e.g. the default one): tag it too
@@ -349,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
         same[0].tag(*parse_repository_tag(tag))
         log(f"image {same[0].tags[0] if same[0].tags else same[0].short_id} has this content; tagged {tag}")
-        return 0
+        return finish(client, args, labels)
     started = time.monotonic()
     args.cache.mkdir(parents=True, exist_ok=True)
     dockerfile = REPO / "images" / ("Dockerfile" if args.variant == "cuda" else "Dockerfile.cpu")
@@ -367,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
                              {"BASE_IMAGE": base, "PIP_INSTALL_ARGS": f"--no-index --find-links {url}",
                               "GRAMLINE_EXTRAS": IMAGE_EXTRAS}, labels)
     log(f"done: {tag} in {time.monotonic() - started:.0f} s")
+    return finish(client, args, labels)
+
+
+def finish(client, args: argparse.Namespace, labels: dict[str, str]) -> int:
+    if not args.keep_old:
+        remove_superseded(client, args.variant, labels["gramline.source"])
     return 0
 
 

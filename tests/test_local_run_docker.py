@@ -189,3 +189,37 @@ def test_an_image_that_is_not_there_is_one_line(small_dataset: Path, tmp_path: P
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "--image 'gramline-missing:0.0.0': is not a local image and could not be pulled" in lines[0]
+
+
+def test_a_build_removes_the_images_earlier_builds_made_from_other_sources(client: object, tmp_path: Path) -> None:
+    """Every source change makes a new ~7 GB image: images/build.py removes the superseded ones of its
+    variant (tagged or dangling) and keeps this content's, other variants' and one a container uses."""
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("image_build", REPO / "images" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+
+    def labelled(tag: str | None, variant: str, source: str) -> str:
+        image, _ = client.images.build(fileobj=io.BytesIO(f"FROM scratch\nLABEL probe={tag}\n".encode()),
+                                       labels={"gramline.variant": variant, "gramline.source": source}, rm=True)
+        if tag:
+            image.tag("gramline-prune-test", tag)
+        return image.id
+
+    old = labelled("old", "prune-test", "a")
+    dangling = labelled(None, "prune-test", "b")
+    current = labelled("current", "prune-test", "c")
+    other_variant = labelled("other", "prune-test-other", "a")
+    in_use = labelled("in-use", "prune-test", "d")
+    container = client.containers.create(in_use, command=["none"])
+    try:
+        build.remove_superseded(client, "prune-test", "c")
+        left = {image.id for image in client.images.list(filters={"label": "gramline.variant"})}
+        assert current in left and other_variant in left and in_use in left
+        assert old not in left and dangling not in left
+    finally:
+        container.remove(force=True)
+        for image in (current, other_variant, in_use):
+            client.images.remove(image, force=True)
