@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gramline.data import s3
 from gramline.data.synthetic import write_synthetic_dataset
@@ -123,6 +124,12 @@ def test_killed_task_on_a_new_pod_resumes_from_the_state_location(dataset: Path,
     manifest = json.loads((retry / "manifest.json").read_text())
     assert manifest["resumed"] is True and manifest["step"] == STEPS
     assert_same_run(uninterrupted, retry)  # weights, and the whole logged curve (restored with the state)
+    # TensorBoard's curve too: the first pod's event files are gone, the retry writes the restored steps
+    events = EventAccumulator(str(retry / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [json.loads(line) for line in (retry / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("total")] == [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    assert [e.value for e in events.Scalars("total")] == pytest.approx([r["total"] for r in logged], rel=1e-6)
     # the teacher checkpoints the anchor stage chooses among, those from before the failure included
     teachers = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
     assert sorted(p.name for p in (retry / "checkpoints").iterdir()) == teachers and len(teachers) == STEPS // 2
@@ -325,3 +332,29 @@ def test_a_state_location_that_is_not_storage_is_refused(tmp_path: Path) -> None
     (tmp_path / "latest.json").write_text('{"step": 2, "dir": "../../etc", "files": {}}')
     with pytest.raises(InputError, match="malformed latest.json"):
         StateSync(str(tmp_path)).restore(tmp_path / "state")
+
+
+def test_a_retry_on_a_new_pod_gets_the_runs_log_files_back(tmp_path: Path) -> None:
+    """The metrics log and the MLflow run id go with each checkpoint, so that a retry continues the
+    same curves and the same MLflow run; a file the run does not have is not made up."""
+    from gramline.train.run import run_files
+
+    sync = StateSync(str(tmp_path / "pvc" / "run-4" / "pretrain"))
+    first = tmp_path / "pod-1" / "model"
+    (first / "metrics.jsonl").parent.mkdir(parents=True)
+    (first / "metrics.jsonl").write_text('{"step": 1, "total": 3.5}\n{"step": 2, "total": 3.25}\n')
+    (first / "mlflow_run_id").write_text("0123456789abcdef\n")
+    sync.push(_checkpoint(first / "state", 2), run_files(first))
+    (first / "metrics.jsonl").write_text("")  # later records without a checkpoint are not what a retry reads
+
+    retry = tmp_path / "pod-2" / "model"
+    assert sync.restore(retry / "state", run_files(retry)) == 2
+    assert (retry / "metrics.jsonl").read_text() == '{"step": 1, "total": 3.5}\n{"step": 2, "total": 3.25}\n'
+    assert (retry / "mlflow_run_id").read_text() == "0123456789abcdef\n"
+
+    without_mlflow = StateSync(str(tmp_path / "pvc" / "run-5" / "pretrain"))
+    (first / "mlflow_run_id").unlink()
+    without_mlflow.push(_checkpoint(tmp_path / "pod-3" / "state", 2), run_files(first))
+    again = tmp_path / "pod-4" / "model"
+    assert without_mlflow.restore(again / "state", run_files(again)) == 2
+    assert not (again / "mlflow_run_id").exists()

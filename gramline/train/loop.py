@@ -148,7 +148,8 @@ class TrainLoop:
         metrics = MetricsLog(self.recipe.name, self.step, last, self.images_per_step,
                              self.metrics_path if self.env.is_main else None, self.recipe.progress_keys,
                              enabled=self.log_enabled,
-                             sinks=open_sinks(self.settings.loggers, self.out_dir, self.recipe.name, self.step)
+                             sinks=open_sinks(self.settings.loggers, self.out_dir, self.recipe.name, self.step,
+                                              self.metrics_path)
                              if self.log_enabled else ())
         iterator = iter(self.batches(self.step))
         while self.step < last:

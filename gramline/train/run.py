@@ -25,7 +25,7 @@ from gramline.train.checkpoint import latest_checkpoint, read_meta
 from gramline.train.config import TrainConfig
 from gramline.train.distributed import DistEnv
 from gramline.train.export import lean_export, list_teacher_checkpoints, thin_teacher_checkpoints
-from gramline.train.loggers import TENSORBOARD_DIR
+from gramline.train.loggers import MLFLOW_RUN_FILE, TENSORBOARD_DIR
 from gramline.train.loop import METRICS_FILE, LoopSettings, TrainLoop
 from gramline.train.recipe import Recipe
 from gramline.train.state_sync import StateSync
@@ -93,6 +93,11 @@ def final_metrics(log: Mapping[str, float], names: Sequence[str]) -> dict[str, f
     return {f"final_{k}": float(log[k]) for k in ("total", *names) if k in log}
 
 
+def run_files(out_dir: Path) -> list[Path]:
+    """The small files of a run that a retry on a new pod needs besides its checkpoint."""
+    return [out_dir / METRICS_FILE, out_dir / MLFLOW_RUN_FILE]
+
+
 def run_training(run: TrainingRun) -> TrainingResult | None:
     """Train and export; the result on the main process, None on the others. With a state location,
     an empty `<out>/state/` is first filled from it, and every checkpoint is mirrored there."""
@@ -104,7 +109,7 @@ def run_training(run: TrainingRun) -> TrainingResult | None:
     try:
         if sync is not None:
             if env.is_main and latest_checkpoint(run.out_dir / "state") is None:
-                sync.restore(run.out_dir / "state", run.out_dir / METRICS_FILE, run.out_dir / "checkpoints")
+                sync.restore(run.out_dir / "state", run_files(run.out_dir), run.out_dir / "checkpoints")
             distributed.barrier()  # the other ranks read what the main one restored
             check_resume_compatible(run.out_dir, run.config, run.frozen_sections)
         return _train(run, info, env, sync)
@@ -122,7 +127,7 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv, sync: StateSync | 
                      callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
     if sync is not None:
         loop.checkpointer.on_saved = lambda path: sync.push(
-            path, loop.metrics_path, [export for _, export in list_teacher_checkpoints(out_dir)])
+            path, run_files(out_dir), [export for _, export in list_teacher_checkpoints(out_dir)])
     every = run.train.teacher_every() if run.periodic_exports else 0
     if every:  # on every rank: under FSDP2 the export gathers the teacher collectively
         loop.callbacks.append(lambda step: _teacher_checkpoint(run, loop, env, step) if step % every == 0 else None)

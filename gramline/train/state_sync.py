@@ -11,7 +11,9 @@ Layout of the location:
                        which holds every rank's files once the checkpoint is complete
     exports/NAME/...   the run's teacher checkpoints (Model artifacts under <out>/checkpoints/, which
                        the anchor stage chooses among) when that checkpoint was taken
-    metrics.jsonl      the run's metrics log when that checkpoint was taken
+    metrics.jsonl      the run's metrics log when that checkpoint was taken, and beside it the other
+                       small run files named in push (the MLflow run id), so that a retry on a new pod
+                       continues the same curves
     latest.json        {"step", "dir", "files": {name: size}, "exports"}: written last (a local file is renamed
                        into place, an S3 PUT is atomic), and a reader goes only by it, so it never
                        sees a partial checkpoint; what it no longer names is deleted after it
@@ -36,7 +38,6 @@ from gramline.io import atomic_path, write_bytes_atomic
 from gramline.train.checkpoint import MODEL_FILE, STEP_DIR
 
 POINTER = "latest.json"
-METRICS = "metrics.jsonl"
 VERDICT = "verdict.json"
 EXPORTS = "exports"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -172,10 +173,10 @@ class StateSync:
                              'the pointer gramline writes: {"step", "dir", "files", "exports"}')
         return record
 
-    def push(self, checkpoint: Path, metrics: Path | None = None, exports: Sequence[Path] = ()) -> None:
-        """Mirror the complete checkpoint directory `checkpoint`, the metrics log so far and the
-        complete directories `exports` (teacher checkpoints: each uploaded once, dropped when no longer
-        listed). S3 or the network still failing after the retries: a warning, and training goes on
+    def push(self, checkpoint: Path, files: Sequence[Path] = (), exports: Sequence[Path] = ()) -> None:
+        """Mirror the complete checkpoint directory `checkpoint`, the small run `files` that exist (the
+        metrics log so far, ...: each under its name) and the complete directories `exports` (teacher
+        checkpoints: each uploaded once, dropped when no longer listed). S3 or the network still failing after the retries: a warning, and training goes on
         (the next checkpoint tries again); a permanent failure is an InputError."""
         step = int(STEP_DIR.match(checkpoint.name).group(1))  # type: ignore[union-attr]
         done = (self.pointer() or {}).get("exports", {})
@@ -187,8 +188,9 @@ class StateSync:
                 for path in exports:
                     if path.name not in done:
                         self.store.put_dir(f"{EXPORTS}/{path.name}", path)
-                if metrics is not None and metrics.is_file():
-                    self.store.write(METRICS, metrics.read_bytes())
+                for path in files:
+                    if path.is_file():
+                        self.store.write(path.name, path.read_bytes())
                 self.store.write(POINTER, json.dumps(record).encode())
                 for old in self.store.dirs() - {checkpoint.name, EXPORTS}:  # older checkpoints, stale temps
                     self.store.remove_dir(old)
@@ -199,20 +201,22 @@ class StateSync:
             return
         print(f"[state] checkpoint step {step} mirrored to {self.uri}", flush=True)
 
-    def restore(self, state_dir: Path, metrics: Path | None = None, exports: Path | None = None) -> int | None:
-        """Read the latest mirrored checkpoint into `state_dir`, the metrics log to `metrics` and the
-        exports into the directory `exports`; its step, or None when there is none."""
+    def restore(self, state_dir: Path, files: Sequence[Path] = (), exports: Path | None = None) -> int | None:
+        """Read the latest mirrored checkpoint into `state_dir`, the mirrored run files to the `files`
+        of the same names and the exports into the directory `exports`; its step, or None when there is
+        none."""
         record = self.pointer()
         if record is None:
             return None
         self._fetch(record["dir"], record["files"], state_dir / record["dir"])
-        for name, files in record.get("exports", {}).items() if exports is not None else ():
+        for name, listing in record.get("exports", {}).items() if exports is not None else ():
             if not (exports / name).exists():
-                self._fetch(f"{EXPORTS}/{name}", files, exports / name)
-        with self._local_errors("reading"):
-            data = self.store.read(METRICS) if metrics is not None else None
-        if data is not None and metrics is not None:
-            write_bytes_atomic(metrics, data)
+                self._fetch(f"{EXPORTS}/{name}", listing, exports / name)
+        for path in files:
+            with self._local_errors("reading"):
+                data = self.store.read(path.name)
+            if data is not None:
+                write_bytes_atomic(path, data)
         print(f"[state] restored {record['dir']} from {self.uri} into {state_dir}", flush=True)
         return int(record["step"])
 
