@@ -215,3 +215,49 @@ def test_reduce_rejects_a_missing_or_incomplete_partition(tmp_path: Path) -> Non
     with pytest.raises(InputError, match="incomplete"):
         cp.reduce(source, cfg, roots, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_collection_too_large_for_its_partition_size_gets_fewer_larger_partitions(capsys) -> None:
+    cfg = load_stage_config(CurateConfig, "curate", "tiny", None, ["partition.items=10", "partition.max_count=4"])
+    plan = cp.plan(["synthetic:n=101,size=32,seed=1"], cfg)
+    assert [(p.start, p.stop) for p in plan.partitions] == [(0, 26), (26, 52), (52, 78), (78, 101)]
+    assert "cut into 4 of 26 items instead" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"partition\.count=5 is above partition\.max_count=4"):
+        load_stage_config(CurateConfig, "curate", "tiny", None, ["partition.count=5", "partition.max_count=4"])
+
+
+def _executor_input(n_parts: int) -> str:
+    """A KFP executor input whose list input `parts` holds `n_parts` partition artifacts, in the compact
+    JSON the KFP launcher writes, with cluster-length URIs (pipeline root, run and task ids)."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    executor_input = pipeline_spec_pb2.ExecutorInput()
+    parts = executor_input.inputs.artifacts["parts"]
+    for i in range(n_parts):
+        artifact = parts.artifacts.add()
+        artifact.name = f"projects/gramline/locations/default/metadataStores/default/artifacts/{10**9 + i}"
+        artifact.type.schema_title, artifact.type.schema_version = "system.Artifact", "0.0.1"
+        artifact.uri = (f"s3://team-a-mlpipeline/v2/artifacts/gramline-vitl16/0b7f3c52-5f1e-4a8e-9a9e-3b1c2d4e5f60/"
+                        f"curate-partition/{i:08d}-5f1e-4a8e-9a9e-3b1c2d4e5f60/part")
+        json_format.ParseDict({"index": i, "start": i * 500_000, "stop": (i + 1) * 500_000, "chunks": 123,
+                               "plan_id": "0123456789abcdef", "skipped": False, "display_name": "part"},
+                              artifact.metadata)
+    return json.dumps(json_format.MessageToDict(executor_input), separators=(",", ":"))
+
+
+def test_the_largest_fan_out_allowed_fits_the_reduce_tasks_one_argument() -> None:
+    """The reduce reads the partition list from its executor input, one command-line argument, which
+    Linux caps at 128 KiB: at partition.max_count partitions it still starts (and reads them all),
+    and twice as many would not start at all."""
+    import subprocess
+    import sys
+
+    largest = CurateConfig().partition.max_count
+    read = ("import sys; from gramline.stages.curate import collected_paths; "
+            "print(len(collected_paths(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", read, _executor_input(largest)], check=True,
+                          capture_output=True, text=True, timeout=120)
+    assert int(done.stdout) == largest
+    with pytest.raises(OSError, match="Argument list too long"):
+        subprocess.run([sys.executable, "-c", "pass", _executor_input(2 * largest)], check=False, timeout=120)

@@ -134,12 +134,19 @@ class PartitionConfig(Strict):
 
     items: int = Field(default=0, ge=0)   # items per partition; 0 = use `count`
     count: int = Field(default=1, ge=1)   # partitions when `items` is 0
+    # At most this many partitions: the reduce reads the list of every partition's output from its
+    # KFP executor input, one argument that Linux caps at 128 KiB (~450 bytes a partition). With
+    # `items`, a collection that would need more partitions gets larger ones (the plan says so).
+    max_count: int = Field(default=200, ge=1)
     work_root: str | None = None
 
     @model_validator(mode="after")
     def _one_way(self) -> PartitionConfig:
         if self.items and self.count != 1:
             raise ValueError(f"set partition.items ({self.items}) or partition.count ({self.count}), not both")
+        if self.count > self.max_count:
+            raise ValueError(f"partition.count={self.count} is above partition.max_count={self.max_count} (the "
+                             "reduce task gets every partition's output in one 128 KiB argument)")
         if self.work_root is not None and ("://" in self.work_root or not self.work_root.strip()):
             raise ValueError(f"partition.work_root={self.work_root!r} must be a local directory path")
         return self

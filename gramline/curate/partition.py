@@ -87,9 +87,10 @@ def ingest_config(cfg: CurateConfig) -> dict[str, Any]:
             "view_grid": cfg.dedup.view_grid, "view_scale": cfg.dedup.view_scale}
 
 
-def cut(total: int, items: int, count: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges covering [0, total): `items` each, or `count` equal ones (items == 0)."""
-    size = items or math.ceil(total / count)
+def cut(total: int, items: int, count: int, max_count: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering [0, total): `items` each, or `count` equal ones (items == 0);
+    never more than `max_count` (larger ranges instead)."""
+    size = max(items or math.ceil(total / count), math.ceil(total / max_count))
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
@@ -98,7 +99,11 @@ def make_plan(source_uris: Sequence[str], sources: Sequence[Source], cfg: Curate
     total = sum(counts)
     if total == 0:
         raise InputError("--source " + " ".join(source_uris), "yielded no items", "at least one image")
-    ranges = cut(total, cfg.partition.items, cfg.partition.count)
+    part = cfg.partition
+    ranges = cut(total, part.items, part.count, part.max_count)
+    if part.items and len(ranges) * part.items < total:
+        log(f"plan: {total} items in partitions of {part.items} would make more than partition.max_count="
+            f"{part.max_count}; cut into {len(ranges)} of {ranges[0][1]} items instead")
     digest = hashlib.sha256(json.dumps({"version": PLAN_VERSION, "sources": list(source_uris), "counts": counts,
                                         "ranges": ranges, "config": ingest_config(cfg)},
                                        sort_keys=True).encode()).hexdigest()
