@@ -128,12 +128,13 @@ class OutputConfig(Strict):
 
 class PartitionConfig(Strict):
     """How ingest + validate is cut into partitions (gramline.curate.partition): `items` per
-    partition, or else `count` partitions of equal size. `work_root`: a persistent directory
+    partition, or else `count` partitions of equal size; a set of tar shards by `shards` per partition. `work_root`: a persistent directory
     (e.g. on a PVC) where partition outputs are kept by plan id, so that a re-run of the pipeline
     skips the partitions already complete; None = only the run's own artifacts."""
 
     items: int = Field(default=0, ge=0)   # items per partition; 0 = use `count`
     count: int = Field(default=1, ge=1)   # partitions when `items` is 0
+    shards: int = Field(default=16, ge=1)  # whole tar shards per partition of a shard set (not read to plan)
     # At most this many partitions: the reduce reads the list of every partition's output from its
     # KFP executor input, one argument that Linux caps at 128 KiB (~450 bytes a partition). With
     # `items`, a collection that would need more partitions gets larger ones (the plan says so).

@@ -1,4 +1,4 @@
-"""Step 1, ingest + validate: every item of one partition (a range of the sources' global item order,
+"""Step 1, ingest + validate: every item of one partition (a piece of the sources' global item order,
 gramline.curate.partition) is loaded, decoded, made upright RGB, hashed and described, on a thread
 pool, into resumable work chunks of `ingest.chunk_size` items; `manifest.json`, written last, marks
 the partition complete, and a re-run skips a complete partition.
@@ -35,7 +35,7 @@ from gramline.curate.dedup import DESCRIPTOR_DIM, descriptor_views, view_count
 from gramline.curate.embed import LAYOUT_DIM, colour_layout
 from gramline.curate.log import log
 from gramline.curate.partition import Partition
-from gramline.curate.sources import Item, Source, TarSource
+from gramline.curate.sources import Item, ShardSetSource, Source, TarSource
 from gramline.curate.validate import Rejection, validate_image
 from gramline.curate.workdir import CHUNK_SCHEMA, PartDir, save_npy
 from gramline.errors import InputError
@@ -129,6 +129,26 @@ def _range_items(sources: Sequence[Source], counts: Sequence[int], start: int, s
         offset += count
 
 
+def _partition_items(sources: Sequence[Source], counts: Sequence[int], partition: Partition, skip: int
+                     ) -> Iterator[tuple[int, Item, set[str]]]:
+    """(idx, item, keys taken before it in its tar) for the items of `partition` after its first
+    `skip`: an idx range of the counted sources, or the items of a shard set's shards [start, stop),
+    numbered from 0 within the partition."""
+    if partition.shard_set < 0:
+        counted = [(source, count) for source, count in zip(sources, counts) if not isinstance(source, ShardSetSource)]
+        yield from _range_items([s for s, _ in counted], [c for _, c in counted], partition.start + skip,
+                                partition.stop)
+        return
+    keys: set[str] = set()  # a key repeats only inside one shard (references are <shard>/<member>)
+    shards = sources[partition.shard_set]
+    assert isinstance(shards, ShardSetSource)
+    for idx, item in enumerate(shards.items(partition.start, partition.stop)):
+        if idx < skip:
+            _unique_key(item, keys)
+            continue
+        yield idx, item, keys
+
+
 def _unique_key(item: Item, keys: set[str]) -> str:
     key, n = item.key, 1
     while key in keys:  # the same reference twice (e.g. a repeated tar member)
@@ -190,16 +210,16 @@ def ingest_partition(sources: Sequence[Source], counts: Sequence[int], partition
         return {**done_before, "skipped": True}
     size = cfg.ingest.chunk_size
     n_done = part.done_chunks()
-    start = partition.start + n_done * size
     if n_done:
-        log(f"ingest: resuming after {n_done} complete chunk(s) ({start - partition.start} items)")
+        log(f"ingest: resuming after {n_done} complete chunk(s) ({n_done * size} items)")
     keys = _seen_keys(part, n_done)
     workers = cfg.ingest.workers or os.cpu_count() or 1
-    what = "ingest+validate" + (f" [{partition.index}]" if partition.index or partition.stop < sum(counts) else "")
-    progress = Progress(prefix="curate", what=what, total=partition.stop - partition.start, unit="img",
-                        stream=sys.stderr, start_at=start - partition.start)
+    what = "ingest+validate" + (f" [{partition.index}]" if partition.of > 1 else "")
+    base = partition.start if partition.shard_set < 0 else 0  # idx of the partition's first item
+    progress = Progress(prefix="curate", what=what, unit="img", stream=sys.stderr, start_at=n_done * size,
+                        total=partition.stop - partition.start if partition.shard_set < 0 else None)
     counted = {"ok": 0, "quarantined": 0}
-    items = _range_items(sources, counts, start, partition.stop)
+    items = _partition_items(sources, counts, partition, n_done * size)
     chunk_id = n_done
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         while batch := list(itertools.islice(items, size)):
@@ -218,8 +238,9 @@ def ingest_partition(sources: Sequence[Source], counts: Sequence[int], partition
             counted["ok"] += ok
             counted["quarantined"] += len(done) - ok
             chunk_id += 1
-            progress.update(jobs[-1][0] + 1 - partition.start, counted)
+            progress.update(jobs[-1][0] + 1 - base, counted)
     progress.finish(counted)
-    manifest = {**spec, "chunks": chunk_id, "items": partition.stop - partition.start}
+    n_items = sum(pq.read_metadata(part.chunk(i)).num_rows for i in range(chunk_id))
+    manifest = {**spec, "chunks": chunk_id, "items": n_items}
     write_json_atomic(part.manifest, manifest)  # last: the partition is complete
     return {**manifest, "skipped": False}

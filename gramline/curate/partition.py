@@ -1,11 +1,18 @@
 """The curation plan: the sources' items cut into partitions that are ingested independently.
 
-The items of all sources, in source order and each source's own listing order, have one global
-index `idx`. A plan counts every source's items (a tar, whose size is unknown, is read once to count
-them) and cuts [0, total) into contiguous ranges of `partition.items` items, or into
-`partition.count` equal ranges; partition i ingests the items [start, stop) with their global
-`idx` (gramline.curate.ingest.ingest_partition), so that the reduce sees the same items in the
-same order, with the same keys, as one pass over everything would, however it was cut.
+The sources' items, in source order and each source's own listing order, are one global order,
+which the partitions cut into contiguous pieces: partition i comes before partition i+1, and the
+reduce reads them in that order, so the kept set, duplicates and eval split do not depend on the
+cut. Two kinds of source are cut differently:
+- counted sources (folders, manifests, S3 prefixes of images, a single tar, synthetic): the plan
+  knows or counts their items (a tar is read once to count them); a run of such sources gets one
+  item index `idx` and is cut into ranges [start, stop) of `partition.items` items, or into
+  `partition.count` equal ranges;
+- a set of tar shards (gramline.curate.sources.ShardSetSource) is cut into partitions of
+  `partition.shards` whole shards, [start, stop) counting shards, without reading them: the plan
+  of a 100M-image collection lists its shards, no more. The items of such a partition have `idx`
+  from 0 within it, since the items before it are only counted by the partitions that read them.
+No plan has more than `partition.max_count` partitions: larger ones are cut instead.
 
 The plan id is a digest of what a partition's output depends on: the sources, their counts, the
 cuts and the ingest-side config (`ingest`, `images`, the dedup descriptor's views). It names the
@@ -25,19 +32,21 @@ from typing import Any
 
 from gramline.curate.config import CurateConfig
 from gramline.curate.log import log
-from gramline.curate.sources import Source
+from gramline.curate.sources import ShardSetSource, Source
 from gramline.errors import InputError
 
-PLAN_VERSION = 1  # bump when a partition's output format changes
+PLAN_VERSION = 2  # bump when a partition's output format changes
 
 
 @dataclass(frozen=True)
 class Partition:
     index: int
-    start: int        # first global idx
+    start: int        # first idx of its counted sources' items, or its first shard
     stop: int         # one past the last
     plan_id: str
-    counts: tuple[int, ...]  # items per source, as planned (every partition re-opens the sources)
+    counts: tuple[int, ...]  # items per source, shards for a shard set, as planned (every partition re-opens them)
+    shard_set: int = -1  # the source index of the shard set it cuts; -1: a range of counted items
+    of: int = 1       # the plan's number of partitions
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "counts": list(self.counts)}
@@ -47,13 +56,15 @@ class Partition:
         """A partition from its JSON (ints may arrive as floats through KFP's parameter structs)."""
         try:
             part = cls(int(value["index"]), int(value["start"]), int(value["stop"]), str(value["plan_id"]),
-                       tuple(int(c) for c in value["counts"]))
+                       tuple(int(c) for c in value["counts"]), int(value["shard_set"]), int(value["of"]))
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(what, f"is not a partition of a curation plan ({err!r})",
-                             '{"index", "start", "stop", "plan_id", "counts"} as the plan wrote it') from None
-        if not 0 <= part.start < part.stop <= sum(part.counts):
-            raise InputError(what, f"has the item range [{part.start}, {part.stop}) outside the plan's "
-                                   f"{sum(part.counts)} items", "a partition of the plan")
+                             '{"index", "start", "stop", "plan_id", "counts", "shard_set", "of"} as the plan '
+                             "wrote it") from None
+        limit = part.counts[part.shard_set] if 0 <= part.shard_set < len(part.counts) else sum(part.counts)
+        if not (0 <= part.start < part.stop <= limit and 0 <= part.index < part.of):
+            raise InputError(what, f"has the range [{part.start}, {part.stop}) outside the plan's {limit} "
+                                   f"{'shards' if part.shard_set >= 0 else 'items'}", "a partition of the plan")
         return part
 
 
@@ -69,9 +80,13 @@ class Plan:
 
 
 def source_counts(sources: Sequence[Source]) -> list[int]:
-    """Items per source: the listing's size, or for a tar one streaming pass that counts them."""
+    """Items per source (the listing's size, or for a tar one streaming pass that counts them);
+    shards for a shard set, which is not read."""
     counts = []
     for source in sources:
+        if isinstance(source, ShardSetSource):
+            counts.append(source.shard_count())
+            continue
         hint = source.size_hint()
         if hint is None:
             log(f"plan: counting the items of {source.uri} (one pass over the stream)")
@@ -87,29 +102,61 @@ def ingest_config(cfg: CurateConfig) -> dict[str, Any]:
             "view_grid": cfg.dedup.view_grid, "view_scale": cfg.dedup.view_scale}
 
 
-def cut(total: int, items: int, count: int, max_count: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges covering [0, total): `items` each, or `count` equal ones (items == 0);
-    never more than `max_count` (larger ranges instead)."""
-    size = max(items or math.ceil(total / count), math.ceil(total / max_count))
-    return [(start, min(start + size, total)) for start in range(0, total, size)]
+Block = tuple[int, int, int]  # (shard set's source index or -1 for counted items, first, stop)
+
+
+def blocks(counts: Sequence[int], shard_sets: Sequence[bool]) -> list[Block]:
+    """The global order as blocks: each maximal run of counted sources (an idx range of their
+    items; idx counts the counted sources' items only) and each shard set (its shards)."""
+    out: list[Block] = []
+    idx = 0
+    for i, (count, sharded) in enumerate(zip(counts, shard_sets)):
+        if sharded:
+            out.append((i, 0, count))
+        elif out and out[-1][0] == -1:
+            out[-1] = (-1, out[-1][1], idx + count)
+        else:
+            out.append((-1, idx, idx + count))
+        idx += 0 if sharded else count
+    return [block for block in out if block[2] > block[1]]
+
+
+def cut(ranges: Sequence[Block], items: int, shards: int) -> list[Block]:
+    """Each block cut into pieces of `items` items or `shards` shards."""
+    out = []
+    for shard_set, first, stop in ranges:
+        size = shards if shard_set >= 0 else items
+        out += [(shard_set, start, min(start + size, stop)) for start in range(first, stop, size)]
+    return out
 
 
 def make_plan(source_uris: Sequence[str], sources: Sequence[Source], cfg: CurateConfig) -> Plan:
     counts = tuple(source_counts(sources))
-    total = sum(counts)
-    if total == 0:
+    sharded = [isinstance(source, ShardSetSource) for source in sources]
+    order = blocks(counts, sharded)
+    if not order:
         raise InputError("--source " + " ".join(source_uris), "yielded no items", "at least one image")
     part = cfg.partition
-    ranges = cut(total, part.items, part.count, part.max_count)
-    if part.items and len(ranges) * part.items < total:
-        log(f"plan: {total} items in partitions of {part.items} would make more than partition.max_count="
-            f"{part.max_count}; cut into {len(ranges)} of {ranges[0][1]} items instead")
+    n_items = sum(stop - first for shard_set, first, stop in order if shard_set < 0)
+    n_shards = sum(stop - first for shard_set, first, stop in order if shard_set >= 0)
+    items = part.items or max(1, math.ceil(n_items / part.count))
+    items, shards = max(items, math.ceil(n_items / part.max_count)), max(part.shards, math.ceil(n_shards / part.max_count))
+    ranges = cut(order, items, shards)
+    while len(ranges) > part.max_count:  # counted runs and shard sets together: larger pieces of both
+        items, shards = items * 2, shards * 2
+        ranges = cut(order, items, shards)
+    if (part.items and items > part.items) or shards > part.shards:
+        log(f"plan: partitions of {part.items or items} items and {part.shards} shards would make more than "
+            f"partition.max_count={part.max_count}; cut into {len(ranges)} of {items} items or {shards} shards "
+            "instead")
     digest = hashlib.sha256(json.dumps({"version": PLAN_VERSION, "sources": list(source_uris), "counts": counts,
                                         "ranges": ranges, "config": ingest_config(cfg)},
                                        sort_keys=True).encode()).hexdigest()
     plan_id = digest[:16]
-    parts = tuple(Partition(i, start, stop, plan_id, counts) for i, (start, stop) in enumerate(ranges))
-    log(f"plan {plan_id}: {total} items in {len(parts)} partition(s)")
+    parts = tuple(Partition(i, start, stop, plan_id, counts, shard_set, len(ranges))
+                  for i, (shard_set, start, stop) in enumerate(ranges))
+    what = f"{n_items} items" + (f" and {n_shards} tar shards" if n_shards else "")
+    log(f"plan {plan_id}: {what} in {len(parts)} partition(s)")
     return Plan(plan_id, counts, parts)
 
 
@@ -119,9 +166,11 @@ def check_counts(sources: Sequence[Source], partition: Partition) -> None:
         raise InputError("--source", f"names {len(sources)} source(s), the plan {len(partition.counts)}",
                          "the sources the plan was made for")
     for source, count in zip(sources, partition.counts):
-        hint = source.size_hint()
+        sharded = isinstance(source, ShardSetSource)
+        hint = source.shard_count() if sharded else source.size_hint()
         if hint is not None and hint != count:
-            raise InputError(f"--source {source.uri}", f"lists {hint} items, the plan counted {count}",
+            what = "shards" if sharded else "items"
+            raise InputError(f"--source {source.uri}", f"lists {hint} {what}, the plan counted {count}",
                              "sources that do not change while they are curated")
 
 
@@ -132,20 +181,28 @@ def stored_partition(work_root: str, partition: Partition) -> Path:
 
 def check_complete(manifests: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The partition manifests in order, checked to be one plan's partitions, all of them."""
-    ordered = sorted(manifests, key=lambda m: int(m["start"]))
+    ordered = sorted(manifests, key=lambda m: int(m["index"]))
     if not ordered:
         raise InputError("--partition", "no partition outputs were given", "the outputs of every partition")
     ids = {m["plan_id"] for m in ordered}
     if len(ids) != 1:
         raise InputError("--partition", f"outputs come from several plans ({', '.join(sorted(ids))})",
                          "the partitions of one plan")
-    expected = 0
-    for m in ordered:
-        if int(m["start"]) != expected:
-            raise InputError("--partition", f"outputs leave items [{expected}, {m['start']}) of plan "
-                                            f"{m['plan_id']} uncovered", "every partition of the plan")
-        expected = int(m["stop"])
-    if expected != sum(ordered[0]["counts"]):
-        raise InputError("--partition", f"outputs end at item {expected} of {sum(ordered[0]['counts'])}",
-                         "every partition of the plan")
+    plan_id, counts = ordered[0]["plan_id"], list(ordered[0]["counts"])
+    sets = {int(m["shard_set"]) for m in ordered} - {-1}
+    for shard_set in [-1, *sorted(sets)]:
+        what = "items" if shard_set < 0 else f"shards of source {shard_set}"
+        total = (sum(c for i, c in enumerate(counts) if i not in sets) if shard_set < 0 else counts[shard_set])
+        expected = 0
+        for m in (m for m in ordered if int(m["shard_set"]) == shard_set):
+            if int(m["start"]) != expected:
+                raise InputError("--partition", f"outputs leave {what} [{expected}, {m['start']}) of plan "
+                                                f"{plan_id} uncovered", "every partition of the plan")
+            expected = int(m["stop"])
+        if expected != total:
+            raise InputError("--partition", f"outputs end at {what} {expected} of {total}", "every partition of the plan")
+    indices = [int(m["index"]) for m in ordered]
+    if indices != list(range(int(ordered[0]["of"]))):
+        raise InputError("--partition", f"outputs are partitions {indices} of plan {plan_id}, which has "
+                                        f"{ordered[0]['of']}", "every partition of the plan once")
     return ordered

@@ -11,6 +11,12 @@ Kinds (picked from the URI, then from the content):
   (relative paths are relative to the manifest) and optional label and caption columns.
 - `s3://bucket/prefix`: every object in the folder `prefix/`, in key order (`s3://b/raw` never
   takes `raw2/...`).
+- a set of tar shards (WebDataset's layout): a local directory or S3 prefix holding only tar
+  archives, or a brace pattern such as `s3://b/shards/train-{000000..000999}.tar`; each shard is
+  read as a tar above, in name (pattern) order. Its size is its shard count: the plan cuts it into
+  partitions of whole shards without reading them (gramline.curate.partition). An item's reference is
+  `<shard>/<member>`; a shard that is not a readable tar, or ends early, is quarantined
+  ("unreadable-shard"), never fatal.
 - `synthetic:n=N,size=S,seed=K`: the procedural shapes world (gramline.data.synthetic).
 
 `open_source` checks a source up front (exists, non-empty, readable, has a path column): a bad
@@ -26,6 +32,7 @@ import io
 import os
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -164,6 +171,52 @@ class S3PrefixSource:
                        label_name=_label_from_relpath(rel, self.folder_labels))
 
 
+def _tar_items(uri: str, opener: Callable[[], Any], source: str, prefix: str = "") -> Iterator[Item]:
+    """The items of the tar `uri` (members grouped WebDataset-style), as items of `source` whose
+    references are `prefix` + the member name."""
+    group: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    current: str | None = None
+    with opener() as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        for info in tar:
+            if info.isdir():
+                continue
+            name = info.name
+            location = f"{uri}#{name}"
+            if _unsafe_member_name(name):
+                yield from _flush(group, uri, source, prefix)
+                group, current = [], None
+                yield Item(source, prefix + name, location, rejection=("path-traversal",
+                           f"member name {name!r} is absolute or contains '..'; not extracted"))
+                continue
+            if not info.isreg():
+                yield from _flush(group, uri, source, prefix)
+                group, current = [], None
+                kind = "symlink" if info.issym() else "hard link" if info.islnk() else "special file"
+                yield Item(source, prefix + name, location, rejection=("not-a-file", f"member is a {kind}"))
+                continue
+            key = _wds_key(name)
+            if key != current:
+                yield from _flush(group, uri, source, prefix)
+                group, current = [], key
+            member = tar.extractfile(info)
+            group.append((info, member.read() if member is not None else b""))
+        yield from _flush(group, uri, source, prefix)
+
+
+def _flush(group: list[tuple[tarfile.TarInfo, bytes | None]], uri: str, source: str, prefix: str) -> Iterator[Item]:
+    """Emit a WebDataset group: images get the group's sidecars; lone sidecars stay items."""
+    sidecars = {_ext(info.name): data for info, data in group if _ext(info.name) in SIDECAR_EXTS}
+    images = [(info, data) for info, data in group if _ext(info.name) not in SIDECAR_EXTS]
+    if not images:
+        images, sidecars = group, {}
+    caption = _text(sidecars.get("txt") or sidecars.get("caption"))
+    label = _text(sidecars.get("cls")) or ""
+    for info, data in images:
+        payload = Payload(data or b"")
+        yield Item(source, prefix + info.name, f"{uri}#{info.name}", load=partial(_same, payload),
+                   label_name=label.strip(), caption=caption)
+
+
 class TarSource:
     def __init__(self, uri: str, opener: Callable[[], Any]) -> None:
         self.uri, self.opener = uri, opener
@@ -179,46 +232,33 @@ class TarSource:
         return None
 
     def items(self) -> Iterator[Item]:
-        group: list[tuple[tarfile.TarInfo, bytes | None]] = []
-        current: str | None = None
-        with self.opener() as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-            for info in tar:
-                if info.isdir():
-                    continue
-                name = info.name
-                location = f"{self.uri}#{name}"
-                if _unsafe_member_name(name):
-                    yield from self._flush(group)
-                    group, current = [], None
-                    yield Item(self.uri, name, location, rejection=("path-traversal",
-                               f"member name {name!r} is absolute or contains '..'; not extracted"))
-                    continue
-                if not info.isreg():
-                    yield from self._flush(group)
-                    group, current = [], None
-                    kind = "symlink" if info.issym() else "hard link" if info.islnk() else "special file"
-                    yield Item(self.uri, name, location, rejection=("not-a-file", f"member is a {kind}"))
-                    continue
-                key = _wds_key(name)
-                if key != current:
-                    yield from self._flush(group)
-                    group, current = [], key
-                member = tar.extractfile(info)
-                group.append((info, member.read() if member is not None else b""))
-            yield from self._flush(group)
+        return _tar_items(self.uri, self.opener, self.uri)
 
-    def _flush(self, group: list[tuple[tarfile.TarInfo, bytes | None]]) -> Iterator[Item]:
-        """Emit a WebDataset group: images get the group's sidecars; lone sidecars stay items."""
-        sidecars = {_ext(info.name): data for info, data in group if _ext(info.name) in SIDECAR_EXTS}
-        images = [(info, data) for info, data in group if _ext(info.name) not in SIDECAR_EXTS]
-        if not images:
-            images, sidecars = group, {}
-        caption = _text(sidecars.get("txt") or sidecars.get("caption"))
-        label = _text(sidecars.get("cls")) or ""
-        for info, data in images:
-            payload = Payload(data or b"")
-            yield Item(self.uri, info.name, f"{self.uri}#{info.name}", load=partial(_same, payload),
-                       label_name=label.strip(), caption=caption)
+
+class ShardSetSource:
+    """Tar shards read one after the other; `items(first, stop)` reads shards [first, stop) only."""
+
+    def __init__(self, uri: str, shards: Sequence[str], names: Sequence[str], opener: Callable[[str], Any]) -> None:
+        """`shards`: the shards' URIs in order; `names`: their names in item references."""
+        self.uri, self.shards, self.names, self.opener = uri, list(shards), list(names), opener
+
+    def size_hint(self) -> int | None:
+        return None
+
+    def shard_count(self) -> int:
+        return len(self.shards)
+
+    def items(self, first: int = 0, stop: int | None = None) -> Iterator[Item]:
+        for shard, name in zip(self.shards[first:stop], self.names[first:stop]):
+            listed = 0
+            try:
+                for item in _tar_items(shard, partial(self.opener, shard), self.uri, f"{name}/"):
+                    listed += 1
+                    yield item
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+                what = f"after {listed} item(s)" if listed else "at its start"
+                yield Item(self.uri, f"{name}/", shard, rejection=("unreadable-shard",
+                           f"not a readable tar archive {what} ({type(err).__name__}: {err})"))
 
 
 def _wds_key(name: str) -> str:
@@ -351,6 +391,8 @@ def open_source(
     if uri.startswith("synthetic:"):
         return SyntheticSource(uri)
     lower = uri.lower()
+    if "{" in uri:
+        return _shard_pattern(uri)
     if s3.is_s3_url(uri):
         s3.split_url(uri)  # checks the bucket name
         if lower.endswith(TAR_SUFFIXES + MANIFEST_SUFFIXES):
@@ -361,7 +403,12 @@ def open_source(
             suffix = ".parquet" if lower.endswith(".parquet") else ".csv"
             table = _read_table(uri, io.BytesIO(s3.read_bytes(uri, "--source")), suffix)
             return ManifestSource(uri, table, posixpath.dirname(uri), path_columns, label_column, caption_column)
-        return S3PrefixSource(uri, folder_labels)
+        prefix = S3PrefixSource(uri, folder_labels)
+        if all(key.lower().endswith(TAR_SUFFIXES) for key in prefix._keys):
+            base = s3.folder_prefix(prefix.prefix)
+            return ShardSetSource(uri, [f"s3://{prefix.bucket}/{key}" for key in prefix._keys],
+                                  [key.removeprefix(base) for key in prefix._keys], _open_s3_shard)
+        return prefix
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"--source {uri}", "has an unsupported scheme",
                          "a local path, s3://bucket/prefix or synthetic:n=N,size=S,seed=K")
@@ -369,7 +416,10 @@ def open_source(
     if not path.exists():
         raise InputError(f"--source {uri}", "does not exist", "a directory, .tar, .parquet/.csv manifest")
     if path.is_dir():
-        return FolderSource(uri, path, folder_labels)
+        folder = FolderSource(uri, path, folder_labels)
+        if all(rel.lower().endswith(TAR_SUFFIXES) for rel in folder._files):
+            return ShardSetSource(uri, [str(path / rel) for rel in folder._files], folder._files, _open_local_shard)
+        return folder
     if not os.access(path, os.R_OK):
         raise InputError(f"--source {uri}", "is not readable", "a readable file")
     if lower.endswith(MANIFEST_SUFFIXES):
@@ -380,3 +430,42 @@ def open_source(
         return TarSource(uri, lambda: open(path, "rb"))
     raise InputError(f"--source {uri}", "is a file that is neither a tar archive nor a .parquet/.csv manifest",
                      "a directory, .tar, .parquet/.csv manifest, s3:// prefix or synthetic:...")
+
+
+def _open_local_shard(path: str) -> Any:
+    return open(path, "rb")
+
+
+def _open_s3_shard(url: str) -> Any:
+    return s3.open_object(url, "shard")
+
+
+def _shard_pattern(uri: str) -> ShardSetSource:
+    """The shards a brace pattern names (`train-{000000..000999}.tar`, `{a,b}.tar`), each checked to
+    exist: against one listing of the pattern's folder on S3."""
+    from braceexpand import braceexpand
+
+    expected = "a brace pattern of tar shards, e.g. s3://bucket/shards/train-{000000..000999}.tar"
+    try:
+        shards = list(braceexpand(uri))
+    except Exception as err:  # noqa: BLE001 - braceexpand raises plain errors on malformed patterns
+        raise InputError(f"--source {uri}", f"is not a valid brace pattern ({err})", expected) from None
+    if not all(shard.lower().endswith(TAR_SUFFIXES) for shard in shards) or len(set(shards)) != len(shards):
+        raise InputError(f"--source {uri}", "names files that are not distinct tar archives", expected)
+    folder = posixpath.dirname(shards[0])
+    if any(posixpath.dirname(shard) != folder for shard in shards):
+        raise InputError(f"--source {uri}", "names shards in more than one folder", expected)
+    if s3.is_s3_url(uri):
+        bucket, _ = s3.split_url(folder + "/")
+        present = {f"s3://{bucket}/{key}" for key, _ in s3.list_objects(folder, what="--source")}
+        opener: Callable[[str], Any] = _open_s3_shard
+    else:
+        present = {shard for shard in shards if Path(shard.removeprefix("file://")).is_file()}
+        shards = [shard.removeprefix("file://") for shard in shards]
+        present = {shard.removeprefix("file://") for shard in present}
+        opener = _open_local_shard
+    missing = [shard for shard in shards if shard not in present]
+    if missing:
+        raise InputError(f"--source {uri}", f"names {len(missing)} shard(s) that do not exist, e.g. {missing[0]}",
+                         expected)
+    return ShardSetSource(uri, shards, [posixpath.basename(shard) for shard in shards], opener)
