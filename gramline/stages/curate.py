@@ -8,7 +8,8 @@ Alone it runs everything in this process: the plan, every partition, the reduce.
 of gramline.stages.curate_partition (`--partition-outputs`, or in the pipeline the KFP executor
 input whose list input `parts` collects them) it runs the reduce only.
 
-Sources: directories, .tar archives, .parquet/.csv manifests, s3://bucket/prefix, and
+Sources: directories, .tar archives, .parquet/.csv manifests, s3://bucket/prefix, tar shards (a
+directory or prefix of .tar files, or a brace pattern `.../train-{000000..000999}.tar`), and
 `synthetic:n=N,size=S,seed=K` (gramline.curate.sources). The steps and the resumable work
 directory next to the output: gramline.curate.pipeline; the output layout: gramline.curate.write.
 A bad source, config or embedder exits 2 naming it, before any work. S3 still failing after its
@@ -79,8 +80,8 @@ def collected_paths(executor_input: str, name: str = "parts") -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(STAGE, "Ingest, validate, deduplicate, cluster-balance and shard an image collection.")
     parser.add_argument("--source", action="append", required=True, metavar="URI",
-                        help="dir, .tar, .parquet/.csv manifest, s3://bucket/prefix or synthetic:n=N,size=S,seed=K"
-                             " (repeatable)")
+                        help="dir, .tar, .parquet/.csv manifest, s3://bucket/prefix, tar shards (a dir/prefix of "
+                             ".tar files or dir/train-{000000..000999}.tar) or synthetic:n=N,size=S,seed=K (repeatable)")
     parser.add_argument("--out-dataset", type=Path, required=True, help="output Dataset artifact directory")
     parser.add_argument("--partition-outputs", type=Path, nargs="+", default=None, metavar="DIR",
                         help="reduce only: the output directories of every partition of the plan")
