@@ -108,3 +108,12 @@ def remove_stale_temps(directory: Path | str) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link of `src` at `dst` (instant, and it outlives the removal of `src`), else a copy:
+    `shutil.copytree(..., copy_function=link_or_copy)` for files that are never rewritten in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -358,3 +358,49 @@ def test_a_retry_on_a_new_pod_gets_the_runs_log_files_back(tmp_path: Path) -> No
     again = tmp_path / "pod-4" / "model"
     assert without_mlflow.restore(again / "state", run_files(again)) == 2
     assert not (again / "mlflow_run_id").exists()
+
+
+def test_mirroring_runs_beside_training_and_uploads_the_newest_checkpoint(tmp_path: Path) -> None:
+    """While an upload is held up, `submit` returns, the checkpointer may delete what was submitted,
+    and of the checkpoints submitted meanwhile only the newest goes up next."""
+    from gramline.train.state_sync import BackgroundMirror
+
+    sync = StateSync(str(tmp_path / "pvc" / "run-6" / "pretrain"))
+    gate, uploaded = threading.Event(), []
+    put_dir = sync.store.put_dir
+
+    def held_put_dir(name: str, source: Path) -> None:
+        uploaded.append(name)
+        assert gate.wait(60)
+        put_dir(name, source)
+
+    sync.store.put_dir = held_put_dir  # the real local store, held up until the test lets it go
+    state, model = tmp_path / "pod-1" / "state", tmp_path / "pod-1" / "model"
+    model.mkdir(parents=True)
+    mirror = BackgroundMirror(sync, model / ".state-mirror")
+    contents = {}
+    for step in (2, 4, 6):
+        checkpoint = _checkpoint(state, step)
+        contents[step] = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+        (model / "metrics.jsonl").write_text(f'{{"step": {step}}}\n')
+        mirror.submit(checkpoint, [model / "metrics.jsonl"])  # returns while step 2's upload is held
+        shutil.rmtree(checkpoint)  # pruned by the checkpointer
+    assert sync.pointer() is None and uploaded == ["step-00000002"]
+    gate.set()
+    mirror.close()
+    assert uploaded == ["step-00000002", "step-00000006"]  # step 4 was overtaken while it waited
+    assert not (model / ".state-mirror").exists()
+    retry = tmp_path / "pod-2" / "model"
+    assert sync.restore(retry / "state", [retry / "metrics.jsonl"]) == 6
+    assert {p.name: p.read_bytes() for p in (retry / "state" / "step-00000006").iterdir()} == contents[6]
+    assert (retry / "metrics.jsonl").read_text() == '{"step": 6}\n'
+
+
+def test_a_mirror_that_cannot_write_fails_the_run_at_its_next_checkpoint(tmp_path: Path) -> None:
+    from gramline.train.state_sync import BackgroundMirror
+
+    (tmp_path / "not-a-dir").write_text("")
+    mirror = BackgroundMirror(StateSync(str(tmp_path / "not-a-dir" / "pretrain")), tmp_path / "staging")
+    mirror.submit(_checkpoint(tmp_path / "state", 2))
+    with pytest.raises(InputError, match="--state-uri .* cannot be used"):
+        mirror.close()

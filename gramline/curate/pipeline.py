@@ -31,7 +31,6 @@ directory is removed after success unless `output.keep_work`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -58,6 +57,7 @@ from gramline.curate.split import select
 from gramline.curate.workdir import PartDir, WorkDir
 from gramline.curate.write import write_dataset
 from gramline.errors import InputError
+from gramline.io import link_or_copy
 
 WORK_VERSION = 1  # part of the work plan: bump when the work directory's format changes
 
@@ -92,13 +92,6 @@ def plan(source_uris: Sequence[str], cfg: CurateConfig) -> Plan:
     return make_plan(source_uris, _open_sources(source_uris, cfg), cfg)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def run_partition(source_uris: Sequence[str], cfg: CurateConfig, partition: Partition, out: Path) -> dict[str, Any]:
     """Ingest `partition` into the directory `out` (a partition output artifact); returns its
     manifest. With `partition.work_root` the work happens there (kept by plan id across runs, a
@@ -111,7 +104,7 @@ def run_partition(source_uris: Sequence[str], cfg: CurateConfig, partition: Part
     manifest = ingest_partition(sources, partition.counts, partition, cfg, stored)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(stored.root, out, copy_function=_link_or_copy)
+    shutil.copytree(stored.root, out, copy_function=link_or_copy)
     return manifest
 
 

@@ -8,6 +8,7 @@ a killed run leaves no final manifest.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from gramline.train.export import lean_export, list_teacher_checkpoints, thin_te
 from gramline.train.loggers import MLFLOW_RUN_FILE, TENSORBOARD_DIR
 from gramline.train.loop import METRICS_FILE, LoopSettings, TrainLoop
 from gramline.train.recipe import Recipe
-from gramline.train.state_sync import StateSync
+from gramline.train.state_sync import BackgroundMirror, StateSync
 
 StepHook = Callable[[Any, int], None]  # (recipe, step count) after every step: tests interrupt runs with it
 
@@ -93,6 +94,9 @@ def final_metrics(log: Mapping[str, float], names: Sequence[str]) -> dict[str, f
     return {f"final_{k}": float(log[k]) for k in ("total", *names) if k in log}
 
 
+MIRROR_STAGING = ".state-mirror"  # under the output: the snapshots BackgroundMirror uploads
+
+
 def run_files(out_dir: Path) -> list[Path]:
     """The small files of a run that a retry on a new pod needs besides its checkpoint."""
     return [out_dir / METRICS_FILE, out_dir / MLFLOW_RUN_FILE]
@@ -125,8 +129,10 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv, sync: StateSync | 
                      images_per_step=run.train.batch_size * env.world_size,
                      meta={"config": dump_config(run.config)},
                      callbacks=[lambda step, hook=hook: hook(recipe, step) for hook in run.hooks])
-    if sync is not None:
-        loop.checkpointer.on_saved = lambda path: sync.push(
+    # rank 0 mirrors each checkpoint on a thread while the ranks train on
+    mirror = BackgroundMirror(sync, out_dir / MIRROR_STAGING) if sync is not None and env.rank == 0 else None
+    if mirror is not None:
+        loop.checkpointer.on_saved = lambda path: mirror.submit(
             path, run_files(out_dir), [export for _, export in list_teacher_checkpoints(out_dir)])
     every = run.train.teacher_every() if run.periodic_exports else 0
     if every:  # on every rank: under FSDP2 the export gathers the teacher collectively
@@ -136,7 +142,15 @@ def _train(run: TrainingRun, info: DatasetInfo, env: DistEnv, sync: StateSync | 
         take = run.take_over
         path = loop.take_over(take.run_dir / "state", take.parts, take.flag)
         take.begin(loop.step, path)
-    log = loop.run()
+    try:
+        log = loop.run()
+    except BaseException:
+        if mirror is not None:  # the last checkpoint still goes up for the retry; the failure is what counts
+            with contextlib.suppress(Exception):
+                mirror.close()
+        raise
+    if mirror is not None:
+        mirror.close()
     if env.is_main:
         (out_dir / MANIFEST).unlink(missing_ok=True)
     metrics = final_metrics(log, recipe.loss_names)

@@ -28,13 +28,14 @@ import json
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from gramline.data import s3
 from gramline.errors import InputError, TransientError
-from gramline.io import atomic_path, write_bytes_atomic
+from gramline.io import atomic_path, link_or_copy, write_bytes_atomic
 from gramline.train.checkpoint import MODEL_FILE, STEP_DIR
 
 POINTER = "latest.json"
@@ -251,3 +252,74 @@ class StateSync:
             with contextlib.suppress(InputError, TransientError, OSError):  # the error itself is what counts
                 self.store.write(VERDICT, json.dumps({"message": str(err)}).encode())
             raise
+
+
+class BackgroundMirror:
+    """Mirror checkpoints on a thread, so that the ranks go on training during the upload (minutes
+    to S3 for a large model's checkpoint, which every rank used to wait for).
+
+    `submit` takes a snapshot under `staging` (hard links of the checkpoint and export files, which
+    are never rewritten, so the checkpointer may delete the originals meanwhile; copies of the run
+    files, which grow) and returns. While one upload runs, only the newest checkpoint submitted
+    waits: an older waiting one is dropped, since a retry reads only the newest. `close` waits for
+    the last upload and removes `staging`. An upload's failure other than S3 still failing (a
+    warning in StateSync.push) is raised by the next `submit` or by `close`.
+    """
+
+    def __init__(self, sync: StateSync, staging: Path) -> None:
+        self.sync, self.staging = sync, staging
+        self._cond = threading.Condition()
+        self._waiting: Path | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+        self._thread = threading.Thread(target=self._run, name="state-mirror", daemon=True)
+        self._thread.start()
+
+    def submit(self, checkpoint: Path, files: Sequence[Path] = (), exports: Sequence[Path] = ()) -> None:
+        self._raise()
+        snapshot = self.staging / checkpoint.name
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(checkpoint, snapshot / "checkpoint" / checkpoint.name, copy_function=link_or_copy)
+        for path in exports:
+            shutil.copytree(path, snapshot / EXPORTS / path.name, copy_function=link_or_copy)
+        (snapshot / "files").mkdir()
+        for path in files:
+            if path.is_file():
+                shutil.copy2(path, snapshot / "files" / path.name)
+        with self._cond:
+            dropped, self._waiting = self._waiting, snapshot
+            self._cond.notify_all()
+        if dropped is not None and dropped != snapshot:
+            shutil.rmtree(dropped, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait for the last upload, remove the staging directory, raise an upload's failure."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._raise()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiting is None and not self._closed:
+                    self._cond.wait()
+                if self._waiting is None:
+                    return
+                snapshot, self._waiting = self._waiting, None
+            try:
+                exports = snapshot / EXPORTS
+                self.sync.push(next((snapshot / "checkpoint").iterdir()), sorted((snapshot / "files").iterdir()),
+                               sorted(exports.iterdir()) if exports.is_dir() else [])
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread
+                self._error = err
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
