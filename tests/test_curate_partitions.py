@@ -123,21 +123,28 @@ def test_partitioned_dag_in_kfp_local_matches_the_single_task(tmp_path: Path) ->
     _check_same(_tables(run_dir / "curate" / "dataset"), single)
 
 
+def reduce_backwards(sources: list[str], overrides: list[str], work: Path, out: Path) -> tuple[cp.Plan, list[Path]]:
+    """The plan's partitions ingested last to first into `work`, then the reduce stage on them into
+    `out`; the plan and the partition directories."""
+    cfg = load_stage_config(CurateConfig, "curate", "tiny", None, overrides)
+    plan = cp.plan(sources, cfg)
+    roots = []
+    for partition in reversed(plan.partitions):
+        roots.append(work / f"part{partition.index}")
+        cp.run_partition(sources, cfg, partition, roots[-1])
+    argv = [a for s in sources for a in ("--source", s)] + ["--out-dataset", str(out), "--partition-outputs",
+                                                             *map(str, roots)]
+    assert stage.main(argv + [x for o in overrides for x in ("--set", o)]) == 0
+    return plan, roots
+
+
 def test_partitions_reduced_out_of_order_match_across_sources_with_repeated_tar_members(tmp_path: Path) -> None:
     """Cuts inside the folder and inside the tar (whose repeated member must keep two keys) give the
     same dataset as one pass."""
     sources = [str(_collection(tmp_path)), str(_tar_with_repeats(tmp_path))]
-    overrides = [f"{k}={v}" for k, v in SETTINGS.items()] + ["partition.items=11"]
-    cfg = load_stage_config(CurateConfig, "curate", "tiny", None, overrides)
-    plan = cp.plan(sources, cfg)
+    plan, _ = reduce_backwards(sources, [f"{k}={v}" for k, v in SETTINGS.items()] + ["partition.items=11"],
+                               tmp_path, tmp_path / "reduced")
     assert len(plan.partitions) == 5 and plan.total == 48  # the last one holds the tar's last 4 items
-    roots = []
-    for partition in reversed(plan.partitions):
-        roots.append(tmp_path / f"part{partition.index}")
-        cp.run_partition(sources, cfg, partition, roots[-1])
-    argv = [a for s in sources for a in ("--source", s)] + ["--out-dataset", str(tmp_path / "reduced"),
-                                                             "--partition-outputs", *map(str, roots)]
-    assert stage.main(argv + [x for o in overrides for x in ("--set", o)]) == 0
     single = _single_task(sources, tmp_path / "single")
     _check_same(_tables(tmp_path / "reduced"), single)
     keys = [row["key"] for row in single["index"]]

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from test_curate_dedup import make_copy, scene
+from test_curate_partitions import reduce_backwards
 
 from gramline.config import load_stage_config
 from gramline.curate import pipeline as cp
@@ -160,21 +161,14 @@ def test_mixed_sources_reduced_out_of_order_match_one_cut(shards: Path, tmp_path
             _add(tar, f"s{i}.png", _encoded(scene(rng, 90, 90), "PNG"))
     sources = [str(folder), str(shards), str(single)]
     overrides = [f"{k}={v}" for k, v in SETTINGS.items()] + ["partition.items=4", "partition.shards=3"]
-    cfg = load_stage_config(CurateConfig, "curate", "tiny", None, overrides)
-    plan = cp.plan(sources, cfg)
+    plan, roots = reduce_backwards(sources, overrides, tmp_path, tmp_path / "reduced")
     assert [(p.shard_set, p.start, p.stop) for p in plan.partitions] == [
         (-1, 0, 4), (-1, 4, 8), (-1, 8, 9), (1, 0, 3), (1, 3, 6), (1, 6, 7), (-1, 9, 13), (-1, 13, 15)]
-    roots = []
-    for partition in reversed(plan.partitions):
-        roots.append(tmp_path / f"part{partition.index}")
-        cp.run_partition(sources, cfg, partition, roots[-1])
-    argv = [a for s in sources for a in ("--source", s)] + ["--out-dataset", str(tmp_path / "reduced"),
-                                                             "--partition-outputs", *map(str, roots)]
-    assert stage.main(argv + [x for o in overrides for x in ("--set", o)]) == 0
     reduced = {name: pq.read_table(tmp_path / "reduced" / f"{name}.parquet").to_pylist()
                for name in ("index", "duplicates", "quarantine")}
     assert reduced == _curate(sources, tmp_path / "whole", **{"partition.items": 1000, "partition.shards": 1000})
 
+    cfg = load_stage_config(CurateConfig, "curate", "tiny", None, overrides)
     with pytest.raises(InputError, match=r"shards of source 1 \[3, 6\) of plan .* uncovered"):
         cp.reduce(sources, cfg, [r for r in roots if r.name != "part4"], tmp_path / "missing")
 

@@ -460,9 +460,8 @@ def _shard_pattern(uri: str) -> ShardSetSource:
         present = {f"s3://{bucket}/{key}" for key, _ in s3.list_objects(folder, what="--source")}
         opener: Callable[[str], Any] = _open_s3_shard
     else:
-        present = {shard for shard in shards if Path(shard.removeprefix("file://")).is_file()}
         shards = [shard.removeprefix("file://") for shard in shards]
-        present = {shard.removeprefix("file://") for shard in present}
+        present = {shard for shard in shards if Path(shard).is_file()}
         opener = _open_local_shard
     missing = [shard for shard in shards if shard not in present]
     if missing:
