@@ -84,7 +84,9 @@ def _check_same(partitioned: dict[str, list[dict]], single: dict[str, list[dict]
     assert {row["split"] for row in single["index"]} == {"train", "eval"}
 
 
-def test_partitioned_dag_in_kfp_local_matches_the_single_task(tmp_path: Path) -> None:
+def run_curate_dag(source: str, overrides: dict, tmp_path: Path) -> Path:
+    """The plan → ParallelFor of partitions → Collected reduce DAG, compiled and run by kfp.local with
+    the host-process runner; the run's directory."""
     pytest.importorskip("kfp")
     from kfp import compiler, dsl, local
     from kfp.local import pipeline_orchestrator
@@ -95,7 +97,6 @@ def test_partitioned_dag_in_kfp_local_matches_the_single_task(tmp_path: Path) ->
     from gramline.kfp.pipeline import curate_fan_out
     from gramline.kfp.profiles import deployment_profile
 
-    folder = _collection(tmp_path)
     components = build_components()
     fan_out = curate_fan_out(components["curate_partition"], deployment_profile("tiny"))
 
@@ -112,8 +113,13 @@ def test_partitioned_dag_in_kfp_local_matches_the_single_task(tmp_path: Path) ->
     with host_subprocess_runner() as runner:
         local.init(runner=runner, pipeline_root=str(runs), raise_on_error=True)
         pipeline_orchestrator.run_local_pipeline(load_compiled(yaml_path).spec,
-                                                 {"source": str(folder), "overrides": {**SETTINGS, "partition.count": 3}})
-    run_dir = next(runs.iterdir())
+                                                 {"source": source, "overrides": overrides})
+    return next(runs.iterdir())
+
+
+def test_partitioned_dag_in_kfp_local_matches_the_single_task(tmp_path: Path) -> None:
+    folder = _collection(tmp_path)
+    run_dir = run_curate_dag(str(folder), {**SETTINGS, "partition.count": 3}, tmp_path)
     part_dirs = sorted(run_dir.glob("for-loop-*-iteration-*/curate-partition/part"))
     assert len(part_dirs) == 3 and all((p / "manifest.json").is_file() for p in part_dirs)
     ranges = sorted((m["start"], m["stop"]) for m in (json.loads((p / "manifest.json").read_text()) for p in part_dirs))

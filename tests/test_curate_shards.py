@@ -4,6 +4,7 @@ an unreadable or truncated shard is quarantined, not fatal. S3 is moto's server 
 """
 
 import io
+import json
 import re
 import tarfile
 import uuid
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from test_curate_dedup import make_copy, scene
-from test_curate_partitions import reduce_backwards
+from test_curate_partitions import reduce_backwards, run_curate_dag
 
 from gramline.config import load_stage_config
 from gramline.curate import pipeline as cp
@@ -145,6 +146,15 @@ def test_shards_on_s3_as_a_prefix_or_a_brace_pattern_give_the_local_dataset(s3_s
     pattern = f"s3://{bucket}/datasets/wds/train-{{000000..000006}}.tar"
     braces = by_ref(_curate([pattern], tmp_path / "braces", **{"partition.shards": 3}))
     assert prefix == local and braces == local
+
+
+def test_the_kfp_local_dag_fans_out_over_shards_and_matches_one_partition(shards: Path, tmp_path: Path) -> None:
+    run_dir = run_curate_dag(str(shards), {**SETTINGS, "partition.shards": 3}, tmp_path)
+    manifests = [json.loads(p.read_text()) for p in run_dir.glob("for-loop-*-iteration-*/curate-partition/part/manifest.json")]
+    assert sorted((m["start"], m["stop"]) for m in manifests) == [(0, 3), (3, 6), (6, 7)]
+    dag = {name: pq.read_table(run_dir / "curate" / "dataset" / f"{name}.parquet").to_pylist()
+           for name in ("index", "duplicates", "quarantine")}
+    assert dag == _curate([str(shards)], tmp_path / "one", **{"partition.shards": 100})
 
 
 def test_mixed_sources_reduced_out_of_order_match_one_cut(shards: Path, tmp_path: Path) -> None:
