@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -104,8 +105,8 @@ def bench_preset(name: str, overrides: list[str], device: torch.device, dataset:
         row = {"preset": name, "device": str(device), "batch": config.train.batch_size,
                "model_step_s": step_s, "images_per_s": config.train.batch_size / step_s,
                "data_step_s_per_worker": data_s, "sections_s": sections, "tflop_per_step": flops / 1e12}
-        total = step_s + (data_s if data_s == data_s else 0.0)
-        row["share"] = {"data": (data_s / total) if data_s == data_s else None,
+        total = step_s + (0.0 if math.isnan(data_s) else data_s)
+        row["share"] = {"data": None if math.isnan(data_s) else data_s / total,
                         **{k: v / total for k, v in sections.items()}}
         peak = peak_flops(device)
         if peak:

@@ -35,8 +35,8 @@ def constant(value: float) -> Tree:
 
 # --------------------------------------------------------------------------- pretrain
 
-_STANDARD_HEADS = dict(dino_hidden=2048, dino_bottleneck=256, dino_prototypes=65536,
-                       ibot_hidden=2048, ibot_bottleneck=256, ibot_prototypes=65536)
+_STANDARD_HEADS = {"dino_hidden": 2048, "dino_bottleneck": 256, "dino_prototypes": 65536,
+                       "ibot_hidden": 2048, "ibot_bottleneck": 256, "ibot_prototypes": 65536}
 
 
 def _vit_pretrain(arch: str, drop_path: float, batch: int, layerwise_decay: float) -> Tree:
@@ -72,8 +72,8 @@ _PRETRAIN: dict[str, Tree] = {
     "tiny": {
         "backbone": {"arch": "tiny", "img_size": 64, "drop_path_rate": 0.0, "rope_rescale_coords": 2.0,
                      "layerscale_init": 1.0},
-        "heads": dict(dino_hidden=256, dino_bottleneck=64, dino_prototypes=128,
-                      ibot_hidden=256, ibot_bottleneck=64, ibot_prototypes=128, last_layer_init_std=0.3),
+        "heads": {"dino_hidden": 256, "dino_bottleneck": 64, "dino_prototypes": 128,
+                      "ibot_hidden": 256, "ibot_bottleneck": 64, "ibot_prototypes": 128, "last_layer_init_std": 0.3},
         "crops": {"global_size": 48, "local_size": 24, "n_local": 4},
         "loss": {"teacher_temp": constant(0.02)},
         "optim": {
@@ -93,8 +93,8 @@ _PRETRAIN: dict[str, Tree] = {
     # 7B pretraining (`dinov3_vit7b16_pretrain.yaml`): constant schedules after a 100k warmup.
     "vit7b16": {
         "backbone": {"arch": "vit7b16", "img_size": 256, "drop_path_rate": 0.4, "rope_rescale_coords": 2.0},
-        "heads": dict(dino_hidden=8192, dino_bottleneck=512, dino_prototypes=262_144,
-                      ibot_hidden=4096, ibot_bottleneck=384, ibot_prototypes=98_304),
+        "heads": {"dino_hidden": 8192, "dino_bottleneck": 512, "dino_prototypes": 262_144,
+                      "ibot_hidden": 4096, "ibot_bottleneck": 384, "ibot_prototypes": 98_304},
         "crops": {"global_size": 256, "local_size": 112, "n_local": 8, "horizontal_flip": False},
         "loss": {"teacher_temp": schedule(0.04, 0.07, 0.07, warmup_steps=100_000)},
         "optim": {

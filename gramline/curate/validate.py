@@ -158,7 +158,7 @@ def validate_image(
 
     try:
         upright = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block is not a broken image
+    except Exception:  # noqa: BLE001 - a broken EXIF block (any of PIL's parser errors) is not a broken image
         upright = image
     rotated = _has_orientation(image)
     try:
@@ -192,5 +192,5 @@ def _has_orientation(image: Image.Image) -> bool:
     """True when EXIF asks for a flip or rotation (orientation 2..8)."""
     try:
         return int(image.getexif().get(0x0112, 1)) not in (0, 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - as above: an unreadable EXIF block means no orientation
         return False

@@ -19,7 +19,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,9 @@ from gramline.artifacts import MANIFEST, build_manifest, write_manifest
 from gramline.data.format import INDEX, INDEX_SCHEMA, SHARDS_DIR, STATS
 from gramline.errors import InputError
 from gramline.io import atomic_path, fsync_dir, write_json_atomic
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 IMAGE_EXTS = {"png": "PNG", "jpg": "JPEG"}
 _RESERVED_META = ("label", "label_name", "source", "cluster", "duplicate_of", "sha256", "width", "height")
@@ -191,7 +194,7 @@ class DatasetWriter:
         for name in (INDEX, STATS):
             (self.out / name).unlink(missing_ok=True)
 
-    def __enter__(self) -> DatasetWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

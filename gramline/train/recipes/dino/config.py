@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from gramline.config import Strict, load_stage_config
 from gramline.data.config import CropsConfig
@@ -105,7 +105,7 @@ class GramPhase(Strict):
     weight: float = 2.0  # Gram loss weight reached after the ramp
     ramp_steps: int = 100  # half-cosine ramp of the Gram weight (0 → weight) and the DINO local weight
     local_weight: float = 0.5  # DINO local-crop weight reached after the ramp
-    refresh_at: list[int] = []  # phase steps after which the Gram teacher becomes a copy of the EMA teacher
+    refresh_at: list[int] = Field(default_factory=list)  # phase steps after which the Gram teacher becomes a copy of the EMA teacher
     ema_teacher: bool = False  # anchor to the live EMA teacher itself instead of a frozen checkpoint
     gram_size_factor: float = 2.0  # Gram-teacher crop side / global crop side
     lr: Schedule | None = None  # LR schedule counted from S; None: the run's carries on
@@ -170,7 +170,7 @@ class ResolutionSet(Strict):
 
 
 class HighresPhase(Strict):
-    resolutions: list[ResolutionSet] = []
+    resolutions: list[ResolutionSet] = Field(default_factory=list)
     gram_size_factor: float = 1.5
     mixture_seed: int = 65537  # the official seed of the per-step resolution draw
 

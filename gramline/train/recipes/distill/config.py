@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from gramline.config import Strict, resolve_config
 from gramline.errors import InputError
@@ -38,7 +38,7 @@ class StudentConfig(Strict):
 
 
 class DistillSettings(Strict):
-    students: dict[str, StudentConfig] = {}
+    students: dict[str, StudentConfig] = Field(default_factory=dict)
     ranks: dict[str, list[int]] | None = None  # processes of each student under torchrun; None: by size
 
 
