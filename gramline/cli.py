@@ -23,8 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
-
-STAGES = ("curate", "curate_plan", "curate_partition", "pretrain", "anchor", "gram", "highres", "distill", "align", "benchmark")
+from gramline.stages import STAGES
 
 
 def _data_main(argv: Sequence[str]) -> int:

@@ -236,7 +236,7 @@ def test_gramline_help_lists_exactly_the_commands_that_answer(tmp_path: Path) ->
     rerun, is named."""
     import re
 
-    from gramline.cli import STAGES
+    from gramline.stages import STAGES
 
     done = gramline("--help", cwd=tmp_path)
     assert done.returncode == 0

@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 
 from gramline.errors import BAD_INPUT_EXIT_CODE, InputError
 from gramline.kfp.profiles import add_profile_option, add_scheduling_options, scheduled_profile
+from gramline.stages import CONFIG_SCHEMAS
 from gramline.stages.common import UI_METADATA, StageArgumentParser, parse_named
 
 PROCESS_HOOKS = ("validate_image", "validate_not_container_component", "validate_not_containerized_python_component")
@@ -327,21 +328,6 @@ def staged_outputs(pipeline: Any, stage: str) -> set[str]:
     specs = pipeline.component(stage).output_definitions.artifacts
     return {name for name, spec in specs.items()
             if spec.artifact_type.schema_title in STAGED_ARTIFACTS or name == UI_METADATA}
-
-
-# The config schema each stage validates its `--set` keys against ("module:Class").
-CONFIG_SCHEMAS = {
-    "curate": "gramline.curate.config:CurateConfig",
-    "curate_plan": "gramline.curate.config:CurateConfig",
-    "curate_partition": "gramline.curate.config:CurateConfig",
-    "pretrain": "gramline.train.recipes.dino.config:DinoConfig",
-    "anchor": "gramline.eval.anchor:AnchorConfig",
-    "gram": "gramline.train.recipes.dino.config:GramStageConfig",
-    "highres": "gramline.train.recipes.dino.config:HighresStageConfig",
-    "distill": "gramline.train.recipes.distill.config:DistillConfig",
-    "align": "gramline.train.recipes.align.config:AlignConfig",
-    "benchmark": "gramline.eval.benchmark:BenchmarkConfig",
-}
 
 
 def check_stage_overrides(stage: str, overrides: Sequence[str]) -> None:

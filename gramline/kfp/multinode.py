@@ -22,7 +22,7 @@ from kfp import dsl
 from kfp.dsl.types.type_annotations import is_artifact_wrapped_in_Input
 
 from gramline.kfp.components import EXECUTOR_OUTPUT, build_components, check_image
-from gramline.kfp.trainjob import TRAINING_STAGES
+from gramline.stages import TRAINING_STAGES
 from gramline.stages.common import UI_METADATA
 
 

@@ -40,12 +40,12 @@ from gramline.kfp.profiles import (
     QUEUE_LABEL,
     S3_SECRET_KEYS,
     SCRATCH_MOUNT,
-    TRAINING_STAGES,
     DeploymentProfile,
     TaskSettings,
     deployment_profile,
     image_reference,
 )
+from gramline.stages import TRAINING_STAGES
 
 PIPELINE_NAME = "gramline"
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gramline.errors import InputError
+from gramline.stages import TRAINING_STAGES
 
 # Keys of the gramline-s3 Secret (manifests/overlays/*/s3.env.example, a secretGenerator); boto3 reads them from the env.
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
@@ -40,7 +41,6 @@ GPU_TAINT = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # https://kueue.sigs.k8s.io/docs/tasks/run/plain_pods/
 SCRATCH_MOUNT = "/scratch"
 IMAGE_UID = 1000  # the user images/Dockerfile* create and run as
-TRAINING_STAGES = ("pretrain", "gram", "highres", "distill", "align")  # one process per GPU of the task
 
 
 @dataclass(frozen=True)

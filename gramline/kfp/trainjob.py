@@ -43,6 +43,7 @@ from gramline.artifacts import MANIFEST
 from gramline.errors import InputError
 from gramline.io import atomic_path, emptied_dir
 from gramline.kfp.profiles import LABEL_VALUE, S3_SECRET_KEYS
+from gramline.stages import TRAINING_STAGES
 from gramline.stages.common import (
     UI_METADATA,
     StageArgumentParser,
@@ -54,7 +55,6 @@ from gramline.stages.common import (
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
 NODE = "node"  # the torch-distributed runtime's replicated job and trainer container
-TRAINING_STAGES = ("pretrain", "gram", "highres", "distill", "align")
 PATCH_MANAGER = "gramline.dev/kfp-launcher"
 LABEL_STAGE, LABEL_RUN = "gramline.dev/stage", "gramline.dev/run-id"
 SHARED_VOLUME = "gramline-shared"
