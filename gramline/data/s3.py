@@ -176,8 +176,10 @@ def _give_up(op: str, url: str, failures: int, seconds: float, err: BaseExceptio
         "S3 or the network is unavailable: run the stage again, it continues where it stopped")
 
 
-def _call(op: str, url: str, fn: Callable[[], T], what: str = "object") -> T:
-    """Run one idempotent S3 operation `op` on `url`, retrying transient failures with backoff."""
+def _call(op: str, url: str, fn: Callable[[], T], what: str = "object",
+          recover: Callable[[], None] | None = None) -> T:
+    """Run one idempotent S3 operation `op` on `url`, retrying transient failures with backoff;
+    `recover`, when given, runs after each backoff, before the retry (re-opening a broken stream)."""
     policy = RetryPolicy.from_env()
     start = time.monotonic()
     for failures in range(1, policy.attempts + 1):
@@ -189,6 +191,8 @@ def _call(op: str, url: str, fn: Callable[[], T], what: str = "object") -> T:
             if failures == policy.attempts:
                 raise _give_up(op, url, failures, time.monotonic() - start, err) from err
             time.sleep(policy.delay(failures))
+            if recover is not None:
+                recover()
     raise AssertionError("unreachable")
 
 
@@ -253,6 +257,11 @@ class _ObjectReader(io.RawIOBase):
             self.etag = response.get("ETag")
         self._body = response["Body"]
 
+    def _reopen(self) -> None:
+        """After a broken read: resume from `pos` with a byte range (of the same ETag)."""
+        self._body.close()
+        self._open()
+
     def readable(self) -> bool:
         return True
 
@@ -260,20 +269,8 @@ class _ObjectReader(io.RawIOBase):
         if self.size is not None and self.pos >= self.size:
             return 0
         view = memoryview(buffer).cast("B")
-        policy = RetryPolicy.from_env()
-        start = time.monotonic()
-        for failures in range(1, policy.attempts + 1):
-            try:
-                chunk = self._body.read(len(view))
-                break
-            except _SERVICE_ERRORS as err:
-                if not is_transient(err):
-                    raise _explain(err, self.url, self.what, "get_object") from err
-                if failures == policy.attempts:
-                    raise _give_up("get_object (body)", self.url, failures, time.monotonic() - start, err) from err
-                self._body.close()
-                time.sleep(policy.delay(failures))
-                self._open()  # resume from self.pos with a byte range
+        chunk = _call("get_object (body)", self.url, lambda: self._body.read(len(view)), self.what,
+                      recover=self._reopen)
         n = len(chunk)
         view[:n] = chunk
         self.pos += n
