@@ -27,7 +27,7 @@ from gramline.train.recipes.distill.config import DistillConfig
 # Keys read only on paths a tiny CPU run does not take, each with the code that reads it.
 NOT_ON_THE_TINY_PATH = {
     **{("EmbedConfig", key): "curate/embed.py build_embedder, for embed.backbone=timm:<name> or model:<dir>"
-       for key in ("weights", "pretrained", "kwargs", "img_size", "batch_size", "threads")},
+       for key in ("weights", "pretrained", "kwargs", "img_size", "batch_size", "threads", "device", "workers")},
     ("PartitionConfig", "work_root"): "curate/pipeline.py and stages/curate_partition.py, when partitions are "
                                       "kept across runs (tests/test_curate_partitions.py)",
 }

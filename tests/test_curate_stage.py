@@ -403,6 +403,41 @@ def test_embed_backends() -> None:
         build_embedder("timm:vit_small_patch16_dinov3_qkvb", weights="/nonexistent/w.safetensors")
 
 
+TINY_VIT = {"embed_dim": 48, "depth": 2, "num_heads": 3, "patch_size": 8, "img_size": 32}
+
+
+def test_decoding_on_several_threads_gives_the_same_embeddings_in_order() -> None:
+    images = [_save(scene(np.random.default_rng(i), 40 + 7 * i, 48), "JPEG") for i in range(9)]
+    one = build_embedder("timm:vit_small_patch16_dinov3_qkvb", img_size=32, batch_size=4, kwargs=TINY_VIT, workers=1)
+    four = build_embedder("timm:vit_small_patch16_dinov3_qkvb", img_size=32, batch_size=4, kwargs=TINY_VIT, workers=4)
+    four.model.load_state_dict(one.model.state_dict())  # the same random weights
+    assert np.array_equal(one.embed(images), four.embed(images))
+
+
+@pytest.mark.parametrize(("device", "expected"), [("tpu", "auto, cpu, cuda or cuda:N"), ("cuda", "has none")])
+def test_an_embedding_device_the_task_lacks_exits_2_naming_it(device: str, expected: str, tmp_path: Path,
+                                                              capsys) -> None:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main_cli(["--source", "synthetic:n=5", "--out-dataset", str(tmp_path / "out"),
+                        "--set", "embed.backbone=timm:vit_small_patch16_dinov3_qkvb", "--set", f"embed.device={device}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "embed.device" in err and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_gpu_embeddings_in_bf16_agree_with_the_cpu() -> None:
+    images = [_save(scene(np.random.default_rng(i), 64, 48), "PNG") for i in range(16)]
+    cpu = build_embedder("timm:vit_small_patch16_dinov3_qkvb", img_size=32, kwargs=TINY_VIT, device="cpu")
+    gpu = build_embedder("timm:vit_small_patch16_dinov3_qkvb", img_size=32, kwargs=TINY_VIT, device="cuda")
+    gpu.model.load_state_dict(cpu.model.state_dict())
+    assert float(np.min(np.sum(cpu.embed(images) * gpu.embed(images), axis=1))) > 0.99  # cosine, bf16
+
+
 def test_model_artifact_embedder_matches_its_timm_model(tmp_path: Path) -> None:
     import torch
 

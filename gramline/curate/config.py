@@ -65,6 +65,8 @@ class EmbedConfig(Strict):
     img_size: int = 224
     batch_size: int = 64
     threads: int = 0                  # torch threads; 0 = torch's default
+    device: str = "auto"              # auto: the GPU when the task has one (bf16), else the CPU; cpu; cuda[:N]
+    workers: int = Field(default=0, ge=0)  # threads decoding and resizing images for the network; 0 = one per CPU
 
 
 class ClusterConfig(Strict):

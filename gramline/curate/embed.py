@@ -11,12 +11,18 @@
 
 Network embeddings: shorter side resized to `img_size`, centre crop, the model's normalisation,
 pooled features, L2-normalised. Batched, with progress lines; each ingest chunk's embeddings are
-saved in the work directory, so a resumed run embeds only what is missing.
+saved in the work directory, so a resumed run embeds only what is missing. The model runs on
+`embed.device` (auto: the task's GPU when it has one, in bf16 autocast, else the CPU in float32);
+images are decoded and resized on `embed.workers` threads (PIL releases the GIL), which is what
+keeps a GPU fed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -65,19 +71,38 @@ class LayoutEmbedder(Embedder):
         return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
 
 
+def resolve_device(device: str) -> str:
+    """`embed.device` as a torch device string: auto is the GPU when there is one."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device):
+        if device != "cpu" and not torch.cuda.is_available():
+            raise InputError(f"embed.device {device!r}", "names a GPU, and this task has none",
+                             "auto or cpu on a task without a GPU")
+        return device
+    raise InputError(f"embed.device {device!r}", "is not a device", "auto, cpu, cuda or cuda:N")
+
+
 class TorchEmbedder(Embedder):
-    def __init__(self, model: Any, name: str, img_size: int, batch_size: int, threads: int = 0) -> None:
+    def __init__(self, model: Any, name: str, img_size: int, batch_size: int, threads: int = 0,
+                 device: str = "cpu", workers: int = 1) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.name, self.img_size, self.batch_size = name, img_size, batch_size
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32,
+                                 device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32,
+                                device=self.device).view(1, 3, 1, 1)
         with torch.inference_mode():
-            probe = self._forward(torch.zeros(1, 3, img_size, img_size))
+            probe = self._forward(torch.zeros(1, 3, img_size, img_size, device=self.device))
         self.dim = int(probe.shape[-1])
 
     def _forward(self, x: Any) -> Any:
@@ -100,14 +125,16 @@ class TorchEmbedder(Embedder):
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
         import torch
 
+        prepare = self.pool.map if self.pool is not None else map
+        on_gpu = self.device.type == "cuda"
         outs = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack([self._prepare(d) for d in images[start:start + self.batch_size]])
-            x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255)
+            batch = np.stack(list(prepare(self._prepare, images[start:start + self.batch_size])))
+            x = torch.from_numpy(batch).to(self.device, non_blocking=on_gpu).permute(0, 3, 1, 2).float().div_(255)
             x = (x - self.mean) / self.std
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
                 feats = self._forward(x).float()
-            outs.append(torch.nn.functional.normalize(feats, dim=-1).numpy())
+            outs.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
         return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
 
 
@@ -118,15 +145,17 @@ def _decode(data: bytes) -> Image.Image:
 
 def build_embedder(backbone: str, weights: str | None = None, pretrained: bool = False,
                    kwargs: dict[str, Any] | None = None, img_size: int = 224, batch_size: int = 64,
-                   threads: int = 0) -> Embedder:
-    """The embedder `embed.backbone` names; a model that cannot be built is an InputError."""
+                   threads: int = 0, device: str = "cpu", workers: int = 1) -> Embedder:
+    """The embedder `embed.backbone` names, its network on `device` (`embed.device`, auto included)
+    with `workers` decoding threads (0: one per CPU); a model that cannot be built is an InputError."""
     if backbone == "layout":
         return LayoutEmbedder()
+    device, workers = resolve_device(device), workers or os.cpu_count() or 1
     if backbone.startswith("model:"):
         from gramline.models.io import load_backbone
 
         model, _manifest = load_backbone(Path(backbone[len("model:"):]), flag="embed.backbone")
-        return TorchEmbedder(model, backbone, img_size, batch_size, threads)
+        return TorchEmbedder(model, backbone, img_size, batch_size, threads, device, workers)
     if backbone.startswith("timm:"):
         name = backbone[len("timm:"):]
         extra = dict(kwargs or {})
@@ -143,7 +172,7 @@ def build_embedder(backbone: str, weights: str | None = None, pretrained: bool =
             from gramline.models.io import load_timm_backbone
 
             model = load_timm_backbone(name, weights, **extra)
-        return TorchEmbedder(model, backbone, img_size, batch_size, threads)
+        return TorchEmbedder(model, backbone, img_size, batch_size, threads, device, workers)
     raise InputError(f"embed.backbone {backbone!r}", "is not a known kind", "layout, timm:<name> or model:<dir>")
 
 

@@ -79,7 +79,8 @@ def _embedder(cfg: CurateConfig) -> Embedder | None:
     e = cfg.embed
     if e.backbone == "layout":
         return None
-    return build_embedder(e.backbone, e.weights, e.pretrained, e.kwargs, e.img_size, e.batch_size, e.threads)
+    return build_embedder(e.backbone, e.weights, e.pretrained, e.kwargs, e.img_size, e.batch_size, e.threads,
+                          e.device, e.workers)
 
 
 def _reduce_plan(plan_id: str, cfg: CurateConfig) -> dict[str, Any]:
