@@ -490,3 +490,53 @@ def test_timm_embeddings_drive_the_stage(tmp_path: Path) -> None:
         truth = render_sample(1, index, 32)
         assert sample["label"] == truth.label and sample["label_name"] == CLASSES[truth.label]
         assert np.array_equal(sample["mask"], truth.mask)
+
+
+def _tiny_vit_weights(path: Path) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from gramline.models.io import load_timm_backbone
+
+    torch.manual_seed(0)
+    model = load_timm_backbone("vit_small_patch16_dinov3_qkvb", **TINY_VIT)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_embedding_in_the_partitions_gives_the_reduces_dataset(tmp_path: Path, capsys) -> None:
+    """embed.where=partitions: each partition embeds its valid images, and the reduce, which loads no
+    model, clusters the same vectors (one image a batch: bit-equal) into the same dataset."""
+    weights = _tiny_vit_weights(tmp_path / "vit.safetensors")
+    common = ["embed.backbone=timm:vit_small_patch16_dinov3_qkvb", f"embed.weights={weights}", "embed.img_size=32",
+              "embed.kwargs={embed_dim: 48, depth: 2, num_heads: 3, patch_size: 8, img_size: 32}",
+              "embed.batch_size=1", "ingest.chunk_size=16", "partition.count=3"]
+    source = ["synthetic:n=60,size=32,seed=1"]
+    _run(source, tmp_path / "reduce", *common)
+    capsys.readouterr()
+    _run(source, tmp_path / "parts", *common, "embed.where=partitions", "output.keep_work=true")
+    err = capsys.readouterr().err
+    assert "embed (timm:vit_small_patch16_dinov3_qkvb) [2]" in err and "computed in the partitions" in err
+    stored = sorted((tmp_path / ".parts.curate-work" / "ingest").glob("part-*/chunk-*.emb.npy"))
+    assert len(stored) == 6 and all(np.load(f).shape[1] == 48 for f in stored)
+    for name in ("index", "duplicates", "quarantine"):
+        assert pq.read_table(tmp_path / "parts" / f"{name}.parquet").equals(
+            pq.read_table(tmp_path / "reduce" / f"{name}.parquet")), name
+
+
+def test_a_reduce_embedding_in_the_partitions_refuses_partitions_that_did_not(tmp_path: Path) -> None:
+    from gramline.config import load_stage_config
+    from gramline.curate import pipeline as cp
+    from gramline.curate.config import CurateConfig
+    from gramline.errors import InputError
+
+    source = ["synthetic:n=20,size=32,seed=1"]
+    cfg = load_stage_config(CurateConfig, "curate", "tiny", None, ["partition.count=2", "ingest.workers=1"])
+    roots = [tmp_path / f"p{p.index}" for p in cp.plan(source, cfg).partitions]
+    for partition, root in zip(cp.plan(source, cfg).partitions, roots):
+        cp.run_partition(source, cfg, partition, root)
+    embedding = cfg.model_copy(update={"embed": cfg.embed.model_copy(
+        update={"backbone": "timm:vit_small_patch16_dinov3_qkvb", "where": "partitions"})})
+    with pytest.raises(InputError, match=r"partition output .*p0: holds no timm:vit_small_patch16_dinov3_qkvb embeddings"):
+        cp.reduce(source, embedding, roots, tmp_path / "out")
+

@@ -419,8 +419,35 @@ def test_the_tiny_profile_with_gpus_for_training(tmp_path: Path) -> None:
         assert (count == "2") if stage in TRAINING else not count
 
 
+def test_gpus_for_the_curate_partitions_move_the_embedding_into_them(tmp_path: Path) -> None:
+    """--partition-gpus gives every curate partition task GPUs, and the compiled curate defaults make
+    those tasks embed (embed.where=partitions: tests/test_curate_stage.py shows what that does)."""
+    from gramline.config import load_stage_config
+    from gramline.curate.config import CurateConfig
+    from gramline.curate.partition import embeds_in_partitions
+
+    out = tmp_path / "g.yaml"
+    assert compile_cli(tmp_path, "--profile", "vitl16", "--partition-gpus", "1", "--output", str(out)).returncode == 0
+    spec = next(d for d in yaml.safe_load_all(out.read_text()) if d)
+
+    def gpus(spec: dict, task: str) -> str | None:
+        return spec["deploymentSpec"]["executors"][f"exec-{task}"]["container"]["resources"].get(
+            "accelerator", {}).get("resourceCount")
+
+    assert [gpus(spec, task) for task in ("curate-plan", "curate-partition", "curate")] == [None, "1", "1"]
+    defaults = spec["root"]["inputDefinitions"]["parameters"]["curate_overrides"]["defaultValue"]
+    cfg = load_stage_config(CurateConfig, "curate", "large", None, [f"{k}={v}" for k, v in defaults.items()])
+    assert embeds_in_partitions(cfg)
+    plain = tmp_path / "plain.yaml"
+    assert compile_cli(tmp_path, "--profile", "vitl16", "--output", str(plain)).returncode == 0
+    spec = next(d for d in yaml.safe_load_all(plain.read_text()) if d)
+    assert "embed.where" not in spec["root"]["inputDefinitions"]["parameters"]["curate_overrides"]["defaultValue"]
+    assert gpus(spec, "curate-partition") is None
+
+
 @pytest.mark.parametrize("args, message", [
     (["--train-gpus", "-1"], "--train-gpus -1: is negative"),
+    (["--partition-gpus", "-1"], "--partition-gpus -1: is negative"),
     (["--memory", "lots"], "--memory 'lots': is not a Kubernetes quantity"),
     (["--ephemeral-storage", "1 TB"], "--ephemeral-storage '1 TB': is not a Kubernetes quantity"),
     (["--node-selector", "pool"], "--node-selector 'pool': is malformed"),

@@ -66,6 +66,9 @@ class EmbedConfig(Strict):
     batch_size: int = 64
     threads: int = 0                  # torch threads; 0 = torch's default
     device: str = "auto"              # auto: the GPU when the task has one (bf16), else the CPU; cpu; cuda[:N]
+    # reduce: the reduce embeds the train pool left after dedup, on its one task; partitions: every
+    # partition embeds its valid images after ingest (duplicates too), spread over the fan-out
+    where: Literal["reduce", "partitions"] = "reduce"
     workers: int = Field(default=0, ge=0)  # threads decoding and resizing images for the network; 0 = one per CPU
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from gramline.curate.log import log
 from gramline.curate.split import Selection
-from gramline.curate.workdir import WorkDir, save_npy
+from gramline.curate.workdir import PartDir, WorkDir, save_npy
 from gramline.errors import InputError
 from gramline.progress import Progress
 
@@ -189,16 +189,35 @@ def _iter_chunk_images(work: WorkDir, n_chunks: int, rows_wanted: np.ndarray) ->
         offset += table.num_rows
 
 
-def embed_pool(work: WorkDir, sel: Selection, n_chunks: int, embedder: Embedder | None) -> np.ndarray:
-    """[n_pool, dim] float32 embeddings of the train pool, in row order. `embedder` None: the colour
-    layouts stored at ingest."""
+def embed_part(part: PartDir, n_chunks: int, embedder: Embedder, what: str = "") -> None:
+    """Embed every valid image of the partition's chunks into `chunk-N.emb.npy` (its rows as in the
+    chunk's layout file) for embed.where=partitions; a chunk embedded before is skipped."""
+    todo = [i for i in range(n_chunks) if not part.embedding(i).is_file()]
+    progress = Progress(prefix="curate", what=f"embed ({embedder.name}){what}", total=n_chunks, unit="chunks",
+                        stream=sys.stderr, start_at=n_chunks - len(todo))
+    for i in todo:
+        table = pq.read_table(part.chunk(i), columns=["status", "image"])
+        images = [image for status, image in zip(table.column("status").to_pylist(), table.column("image").to_pylist())
+                  if status == "ok"]
+        emb = embedder.embed(images) if images else np.zeros((0, embedder.dim), np.float32)
+        save_npy(part.embedding(i), emb.astype(np.float32))
+        progress.update(i + 1)
+    progress.finish()
+
+
+def embed_pool(work: WorkDir, sel: Selection, n_chunks: int, embedder: Embedder | None,
+               stored: str | None = None) -> np.ndarray:
+    """[n_pool, dim] float32 embeddings of the train pool, in row order: the network embeddings the
+    partitions stored when `stored` names their backbone, else `embedder`'s, or with `embedder`
+    None the colour layouts stored at ingest."""
     pool_rows = np.flatnonzero(sel.pool_mask)
-    if embedder is None:
+    if embedder is None or stored:
         row_of_valid = np.full(len(sel.valid), -1, np.int64)
         row_of_valid[sel.valid_rows] = np.arange(len(sel.valid_rows))
-        layouts = np.concatenate([np.load(work.layout(i)) for i in range(n_chunks)])
-        log(f"embed: colour-layout embeddings for {len(pool_rows)} images (computed at ingest, no network)")
-        return layouts[row_of_valid[pool_rows]].astype(np.float32)
+        files = work.partition_embedding if stored else work.layout
+        vectors = np.concatenate([np.load(files(i)) for i in range(n_chunks)])
+        log(f"embed: {stored or 'colour-layout'} embeddings for {len(pool_rows)} images (computed in the partitions)")
+        return vectors[row_of_valid[pool_rows]].astype(np.float32)
     progress = Progress(prefix="curate", what=f"embed ({embedder.name})", total=len(pool_rows), unit="img",
                         stream=sys.stderr)
     outs, done = [], 0

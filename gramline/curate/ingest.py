@@ -32,7 +32,7 @@ from PIL import Image
 
 from gramline.curate.config import CurateConfig
 from gramline.curate.dedup import DESCRIPTOR_DIM, descriptor_views, view_count
-from gramline.curate.embed import LAYOUT_DIM, colour_layout
+from gramline.curate.embed import LAYOUT_DIM, Embedder, colour_layout, embed_part
 from gramline.curate.log import log
 from gramline.curate.partition import Partition
 from gramline.curate.sources import Item, ShardSetSource, Source, TarSource
@@ -200,9 +200,10 @@ def _prepare(part: PartDir, spec: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def ingest_partition(sources: Sequence[Source], counts: Sequence[int], partition: Partition, cfg: CurateConfig,
-                     part: PartDir) -> dict[str, Any]:
-    """Load, validate and describe the items of `partition` into `part`; returns its manifest
-    (`skipped`: true when it was already complete)."""
+                     part: PartDir, embedder: Embedder | None = None) -> dict[str, Any]:
+    """Load, validate and describe the items of `partition` into `part`, and with `embedder` embed
+    its valid images (embed.where=partitions); returns its manifest (`skipped`: true when it was
+    already complete)."""
     spec = partition.to_json()
     done_before = _prepare(part, spec)
     if done_before is not None:
@@ -240,7 +241,9 @@ def ingest_partition(sources: Sequence[Source], counts: Sequence[int], partition
             chunk_id += 1
             progress.update(jobs[-1][0] + 1 - base, counted)
     progress.finish(counted)
+    if embedder is not None:
+        embed_part(part, chunk_id, embedder, f" [{partition.index}]" if partition.of > 1 else "")
     n_items = sum(pq.read_metadata(part.chunk(i)).num_rows for i in range(chunk_id))
-    manifest = {**spec, "chunks": chunk_id, "items": n_items}
+    manifest = {**spec, "chunks": chunk_id, "items": n_items, "embedded": embedder.name if embedder else None}
     write_json_atomic(part.manifest, manifest)  # last: the partition is complete
     return {**manifest, "skipped": False}

@@ -95,11 +95,17 @@ def source_counts(sources: Sequence[Source]) -> list[int]:
     return counts
 
 
+def embeds_in_partitions(cfg: CurateConfig) -> bool:
+    """Whether the partitions embed with a network (embed.where=partitions)."""
+    return cfg.embed.where == "partitions" and cfg.embed.backbone != "layout"
+
+
 def ingest_config(cfg: CurateConfig) -> dict[str, Any]:
-    """The config a partition's output depends on (not the thread count)."""
+    """The config a partition's output depends on (not the thread counts)."""
+    embed = cfg.embed.model_dump(mode="json", exclude={"threads", "workers"}) if embeds_in_partitions(cfg) else None
     return {"ingest": cfg.ingest.model_dump(mode="json", exclude={"workers"}),
             "images": cfg.images.model_dump(mode="json"),
-            "view_grid": cfg.dedup.view_grid, "view_scale": cfg.dedup.view_scale}
+            "view_grid": cfg.dedup.view_grid, "view_scale": cfg.dedup.view_scale, "embed": embed}
 
 
 Block = tuple[int, int, int]  # (shard set's source index or -1 for counted items, first, stop)

@@ -48,6 +48,7 @@ from gramline.curate.partition import (
     Plan,
     check_complete,
     check_counts,
+    embeds_in_partitions,
     make_plan,
     stored_partition,
 )
@@ -99,10 +100,11 @@ def run_partition(source_uris: Sequence[str], cfg: CurateConfig, partition: Part
     complete partition is skipped) and `out` receives a hard-linked copy."""
     sources = _open_sources(source_uris, cfg)
     check_counts(sources, partition)
+    embedder = _embedder(cfg) if embeds_in_partitions(cfg) else None
     if cfg.partition.work_root is None:
-        return ingest_partition(sources, partition.counts, partition, cfg, PartDir(out))
+        return ingest_partition(sources, partition.counts, partition, cfg, PartDir(out), embedder)
     stored = PartDir(stored_partition(cfg.partition.work_root, partition))
-    manifest = ingest_partition(sources, partition.counts, partition, cfg, stored)
+    manifest = ingest_partition(sources, partition.counts, partition, cfg, stored, embedder)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(stored.root, out, copy_function=link_or_copy)
@@ -120,7 +122,7 @@ def _reduce(source_uris: Sequence[str], cfg: CurateConfig, parts: list[PartDir],
         raise InputError("--source " + " ".join(source_uris), "holds no valid image (all were quarantined)",
                          "at least one decodable image")
     t0 = time.perf_counter()
-    embeddings = embed_pool(work, sel, n_chunks, embedder)
+    embeddings = embed_pool(work, sel, n_chunks, embedder, cfg.embed.backbone if embeds_in_partitions(cfg) else None)
     timings["embed_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     bal = cluster_and_balance(cfg, work, sel, embeddings)
@@ -163,7 +165,15 @@ def reduce(source_uris: Sequence[str], cfg: CurateConfig, part_roots: Sequence[P
                              "the output of a partition that finished")
         manifests.append({**json.loads(part.manifest.read_text()), "root": str(part.root)})
     ordered = check_complete(manifests)
-    embedder = _embedder(cfg)
+    if embeds_in_partitions(cfg):  # the partitions embedded: no model here
+        embedder = None
+        for m in ordered:
+            if m.get("embedded") != cfg.embed.backbone:
+                raise InputError(f"partition output {m['root']}", f"holds no {cfg.embed.backbone} embeddings "
+                                 f"(embedded: {m.get('embedded')})", "partitions made with embed.where=partitions "
+                                 "and the reduce's embed settings")
+    else:
+        embedder = _embedder(cfg)
     plan_id = str(ordered[0]["plan_id"])
     keep = cfg.partition.work_root
     root = Path(keep) / f"plan-{plan_id}" / "reduce" if keep else None
@@ -189,7 +199,9 @@ def curate(source_uris: Sequence[str], cfg: CurateConfig, out_dir: Path) -> dict
     t0 = time.perf_counter()
     n = len(the_plan.partitions)
     parts = [work.partition_dir(p.index, n) for p in the_plan.partitions]
-    done = [ingest_partition(sources, the_plan.counts, p, cfg, part) for p, part in zip(the_plan.partitions, parts)]
+    in_parts = embedder if embeds_in_partitions(cfg) else None
+    done = [ingest_partition(sources, the_plan.counts, p, cfg, part, in_parts)
+            for p, part in zip(the_plan.partitions, parts)]
     timings["ingest_validate_s"] = round(time.perf_counter() - t0, 3)
     skipped = sum(m["skipped"] for m in done)
     if skipped:

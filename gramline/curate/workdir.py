@@ -14,6 +14,7 @@ afresh. Layout:
         chunk-NNNNNN.parquet      one row per item (CHUNK_SCHEMA); written last, marks the chunk done
         chunk-NNNNNN.desc.npy     copy-detection views of the chunk's valid images (dedup)
         chunk-NNNNNN.layout.npy   colour layouts of the chunk's valid images (the "layout" embedding)
+        chunk-NNNNNN.emb.npy      network embeddings of the chunk's valid images (embed.where=partitions)
         manifest.json             the partition is complete (written last)
     dedup.npz, cluster.npz        results of the dedup/split and the cluster/balance steps
     embed/emb-NNNNNN.npy          network embeddings of the pool images in (global) chunk NNNNNN
@@ -61,6 +62,9 @@ class PartDir:
 
     def layout(self, i: int) -> Path:
         return self.root / f"chunk-{i:06d}.layout.npy"
+
+    def embedding(self, i: int) -> Path:
+        return self.root / f"chunk-{i:06d}.emb.npy"
 
     def done_chunks(self) -> int:
         n = 0
@@ -124,6 +128,10 @@ class WorkDir:
     def layout(self, i: int) -> Path:
         part, local = self._chunks[i]
         return part.layout(local)
+
+    def partition_embedding(self, i: int) -> Path:
+        part, local = self._chunks[i]
+        return part.embedding(local)
 
     def embedding(self, i: int) -> Path:
         return self.root / "embed" / f"emb-{i:06d}.npy"

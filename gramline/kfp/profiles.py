@@ -309,7 +309,8 @@ def customize(profile: DeploymentProfile, *, train_gpus: int | None = None, gpu_
               node_selector: Sequence[str] = (), tolerations: Sequence[str] = (), queue: str | None = None,
               image_pull_secrets: Sequence[str] = (), nodes: int = 1,
               node_service_account: str | None = None, shards_uri: str | None = None,
-              from_dataset: str | None = None, from_models: Sequence[str] = ()) -> DeploymentProfile:
+              from_dataset: str | None = None, from_models: Sequence[str] = (),
+              partition_gpus: int | None = None) -> DeploymentProfile:
     """`profile` with the compile options applied (each named by its flag in errors).
 
     The training tasks take `train_gpus` (their CPUs scale with it), `gpu_product`, `memory` and
@@ -317,6 +318,8 @@ def customize(profile: DeploymentProfile, *, train_gpus: int | None = None, gpu_
     `node_service_account`); every task takes the node selectors, tolerations, Kueue queue and image
     pull secrets. `shards_uri` becomes curate's default `output.shards_uri`; `from_dataset` and
     `from_models` (STAGE=URI) are artifacts the pipeline imports instead of running their stage.
+    `partition_gpus` > 0 gives each curate partition task GPUs and makes curate's default
+    `embed.where` "partitions", so that the fan-out embeds the images instead of the one reduce.
     """
     if nodes < 1:
         raise InputError(f"--nodes {nodes}", "is below 1", "1 (one pod per training task) or more nodes")
@@ -324,6 +327,8 @@ def customize(profile: DeploymentProfile, *, train_gpus: int | None = None, gpu_
         _label("name", node_service_account, "--node-service-account", node_service_account)
     if train_gpus is not None and train_gpus < 0:
         raise InputError(f"--train-gpus {train_gpus}", "is negative", "0 (CPU) or more GPUs per training task")
+    if partition_gpus is not None and partition_gpus < 0:
+        raise InputError(f"--partition-gpus {partition_gpus}", "is negative", "0 or more GPUs per curate partition task")
     if gpu_product is not None:
         _label(GPU_PRODUCT_LABEL, gpu_product, "--gpu-product", gpu_product)
     if queue is not None:
@@ -343,6 +348,12 @@ def customize(profile: DeploymentProfile, *, train_gpus: int | None = None, gpu_
         if ephemeral_storage is not None:
             settings = replace(settings, ephemeral_storage=_quantity(ephemeral_storage, "--ephemeral-storage"))
         tasks[stage] = settings
+    overrides = _with_shards_uri(profile.overrides, shards_uri, from_dataset)
+    if partition_gpus is not None:
+        tasks["curate_partition"] = replace(profile.task("curate_partition"), gpus=partition_gpus)
+        curate = overrides.get("curate", {})
+        if partition_gpus and "embed.where" not in curate:
+            overrides = {**overrides, "curate": {**curate, "embed.where": "partitions"}}
     return replace(
         profile, tasks=tasks,
         node_selector={**profile.node_selector, **dict(parse_node_selector(item) for item in node_selector)},
@@ -351,7 +362,7 @@ def customize(profile: DeploymentProfile, *, train_gpus: int | None = None, gpu_
         image_pull_secrets=(*profile.image_pull_secrets, *(_label("secret", name, "--image-pull-secret", name)[1]
                                                              for name in image_pull_secrets)),
         nodes=nodes, node_service_account=node_service_account,
-        overrides=_with_shards_uri(profile.overrides, shards_uri, from_dataset),
+        overrides=overrides,
         imports={**profile.imports, **_imports(from_dataset, from_models)})
 
 
@@ -406,6 +417,9 @@ def add_scheduling_options(parser: argparse.ArgumentParser, kubernetes: bool = T
     parser.add_argument("--gpu-product", default=None, metavar="PRODUCT",
                         help=f"node selector {GPU_PRODUCT_LABEL} of the training tasks (default: the profile's; "
                              "the other tasks take any GPU)")
+    parser.add_argument("--partition-gpus", type=int, default=None, metavar="N",
+                        help="GPUs per curate partition task (default: the profile's, none); with 1 or more the "
+                             "partitions embed the images (curate embed.where=partitions) instead of the reduce")
     parser.add_argument("--memory", default=None, metavar="QUANTITY", help="memory of each training task, e.g. 900Gi")
     parser.add_argument("--ephemeral-storage", default=None, metavar="QUANTITY",
                         help=f"scratch disk of each training task: an emptyDir at {SCRATCH_MOUNT} (TMPDIR) "
@@ -443,7 +457,7 @@ def scheduled_profile(args: argparse.Namespace, pvc: str | None = None) -> Deplo
                      queue=getattr(args, "queue", None), image_pull_secrets=getattr(args, "image_pull_secret", ()),
                      nodes=getattr(args, "nodes", 1), node_service_account=getattr(args, "node_service_account", None),
                      shards_uri=getattr(args, "shards_uri", None), from_dataset=getattr(args, "from_dataset", None),
-                     from_models=getattr(args, "from_model", ()))
+                     from_models=getattr(args, "from_model", ()), partition_gpus=getattr(args, "partition_gpus", None))
 
 
 # --------------------------------------------------------------------------- runtime preset vs compiled GPUs
