@@ -366,11 +366,12 @@ def test_mirroring_runs_beside_training_and_uploads_the_newest_checkpoint(tmp_pa
     from gramline.train.state_sync import BackgroundMirror
 
     sync = StateSync(str(tmp_path / "pvc" / "run-6" / "pretrain"))
-    gate, uploaded = threading.Event(), []
+    gate, started, uploaded = threading.Event(), threading.Event(), []
     put_dir = sync.store.put_dir
 
     def held_put_dir(name: str, source: Path) -> None:
         uploaded.append(name)
+        started.set()
         assert gate.wait(60)
         put_dir(name, source)
 
@@ -385,6 +386,7 @@ def test_mirroring_runs_beside_training_and_uploads_the_newest_checkpoint(tmp_pa
         (model / "metrics.jsonl").write_text(f'{{"step": {step}}}\n')
         mirror.submit(checkpoint, [model / "metrics.jsonl"])  # returns while step 2's upload is held
         shutil.rmtree(checkpoint)  # pruned by the checkpointer
+        assert started.wait(60)  # step 2's upload has begun (and is held) before steps 4 and 6 come
     assert sync.pointer() is None and uploaded == ["step-00000002"]
     gate.set()
     mirror.close()
