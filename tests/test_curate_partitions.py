@@ -84,16 +84,13 @@ def _check_same(partitioned: dict[str, list[dict]], single: dict[str, list[dict]
     assert {row["split"] for row in single["index"]} == {"train", "eval"}
 
 
-def run_curate_dag(source: str, overrides: dict, tmp_path: Path) -> Path:
-    """The plan → ParallelFor of partitions → Collected reduce DAG, compiled and run by kfp.local with
-    the host-process runner; the run's directory."""
+def compile_curate_only(yaml_path: Path) -> Path:
+    """The plan → ParallelFor of partitions → Collected reduce DAG alone (parameters `source`,
+    `overrides`), compiled to `yaml_path` with the tiny profile's components."""
     pytest.importorskip("kfp")
-    from kfp import compiler, dsl, local
-    from kfp.local import pipeline_orchestrator
+    from kfp import compiler, dsl
 
-    from gramline.kfp.compiled import load_compiled
     from gramline.kfp.components import build_components
-    from gramline.kfp.local_run import host_subprocess_runner, quiet_kfp_local_warnings
     from gramline.kfp.pipeline import curate_fan_out
     from gramline.kfp.profiles import deployment_profile
 
@@ -106,8 +103,20 @@ def run_curate_dag(source: str, overrides: dict, tmp_path: Path) -> Path:
         parts = fan_out(source=source, partitions=plan.outputs["partitions"], preset="tiny", overrides=overrides)
         components["curate"](source=source, parts=parts.output, preset="tiny", overrides=overrides)
 
-    yaml_path = tmp_path / "curate.yaml"
     compiler.Compiler().compile(curate_only, str(yaml_path))
+    return yaml_path
+
+
+def run_curate_dag(source: str, overrides: dict, tmp_path: Path) -> Path:
+    """The curate-only DAG (compile_curate_only) run by kfp.local with the host-process runner; the
+    run's directory."""
+    from kfp import local
+    from kfp.local import pipeline_orchestrator
+
+    from gramline.kfp.compiled import load_compiled
+    from gramline.kfp.local_run import host_subprocess_runner, quiet_kfp_local_warnings
+
+    yaml_path = compile_curate_only(tmp_path / "curate.yaml")
     runs = tmp_path / "runs"
     quiet_kfp_local_warnings()
     with host_subprocess_runner() as runner:

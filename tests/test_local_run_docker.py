@@ -172,6 +172,57 @@ def test_rerun_mounts_only_its_inputs_and_outputs(image: str, small_dataset: Pat
     assert (home / "report" / "manifest.json").is_file()
 
 
+def test_rerun_of_curation_in_a_container_reads_a_local_source(image: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 container_mounts: list[list[dict]],
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """A folder given by a relative path, and a brace pattern of tar shards: each is made absolute
+    and mounted read-only (the pattern by its folder), so the plan in the container finds it."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), (60 * i, 20, 200)).save(buf, "PNG")
+        (tmp_path / "images" / f"{i}.png").write_bytes(buf.getvalue())
+        with tarfile.open(shards / f"train-{i:03d}.tar", "w") as tar:
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    for source, mounted, planned in (("images", tmp_path / "images", "4 items"),
+                                     ("shards/train-{000..003}.tar", shards, "4 tar shards")):
+        assert rerun("curate-plan", "--image", image, "--param", f"source={source}", "--out-dir", "out") == 0
+        assert (str(mounted), False) in {(m["Source"], m["RW"]) for m in container_mounts[-1]}
+        assert planned in capfd.readouterr().out  # the container's log
+
+
+def test_a_dag_run_in_containers_reads_a_local_source(image: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gramline run --runner docker` with a local folder as `source`: kfp.local's containers get it
+    mounted read-only beside the pipeline root, and the curation DAG (plan, partitions, reduce) runs."""
+    from PIL import Image
+    from test_curate_partitions import compile_curate_only
+
+    from gramline.kfp import local_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40 + i, 40), (40 * i, 90, 200 - 30 * i)).save(tmp_path / "images" / f"{i}.png")
+    yaml_path = compile_curate_only(tmp_path / "curate.yaml")
+    assert local_run.main("run", ["--pipeline", str(yaml_path), "--runner", "docker", "--gpus", "none",
+                                  "--root", "runs", "--param", "source=images",
+                                  "--param", 'overrides={"partition.count": 2, "split.eval_fraction": 0.3}']) == 0
+    (dataset,) = (tmp_path / "runs").glob("*/curate/dataset")
+    assert json.loads((dataset / "stats.json").read_text())["funnel"]["decoded"] == 6
+
+
 @pytest.mark.slow
 def test_tiny_dag_through_the_docker_runner(image: str, tmp_path: Path) -> None:
     from test_local_run_dag import check_dag_outputs, run_dag

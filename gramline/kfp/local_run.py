@@ -209,7 +209,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     runs = Path(args.root).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     pipeline = _pipeline(args, runs)
-    arguments = _arguments(pipeline, args.param)
+    arguments, source_paths = local_source(_arguments(pipeline, args.param))
     before = {p for p in runs.iterdir() if p.is_dir()}
     started = time.monotonic()
     print(f"gramline run: {pipeline.path} ({', '.join(pipeline.task_names())}) with the {args.runner} runner, "
@@ -220,6 +220,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
             docker_client, run_args = _docker(args, pipeline.images())
             docker_client.close()
+            if source_paths:  # kfp.local mounts the pipeline root (`volumes`); the source comes in beside it
+                run_args["mounts"] = container_mounts({str(p): p for p in source_paths}, [])
             writable_dir(runs, _container_user(run_args))
             runner_context: Any = contextlib.nullcontext(local.DockerRunner(**run_args))
         else:
@@ -292,6 +294,22 @@ def _artifact_paths(pipeline: Any, stage: str, args: argparse.Namespace) -> tupl
     out_dir = Path(args.out_dir or f"{stage}-outputs").resolve()
     outputs = {name: given_out.get(name, out_dir / name) for name in wanted_out}
     return given_in, outputs
+
+
+def local_source(arguments: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
+    """`arguments` with a local curate `source` made absolute, and the host paths a container needs
+    to read it: the directory or file, or a brace pattern's folder (`dir/train-{000..009}.tar`); none
+    for s3:// and synthetic: sources, or a path that is not there (the stage itself says so)."""
+    source = arguments.get("source")
+    if not isinstance(source, str) or source.startswith("synthetic:") or ("://" in source and
+                                                                         not source.startswith("file://")):
+        return arguments, []
+    text = source.removeprefix("file://")
+    folder, name = os.path.split(text) if "{" in text else (text, "")
+    if "{" in folder or not folder or not Path(folder).exists():
+        return arguments, []
+    path = Path(folder).resolve()
+    return {**arguments, "source": str(path / name) if name else str(path)}, [path]
 
 
 def container_mounts(inputs: dict[str, Path], writable: Sequence[Path]) -> list[Any]:
@@ -371,7 +389,7 @@ def rerun_stage(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"gramline-rerun-{args.stage}-"))
     try:
         pipeline = _pipeline(args, workdir)
-        arguments = _arguments(pipeline, args.param)
+        arguments, source_paths = local_source(_arguments(pipeline, args.param))
         pipeline.task(args.stage)
         inputs, outputs = _artifact_paths(pipeline, args.stage, args)
         check_stage_overrides(args.stage, args.overrides)
@@ -386,7 +404,8 @@ def rerun_stage(args: argparse.Namespace) -> int:
         print(f"gramline rerun: {args.stage} ({args.runner}{', image ' + image if args.runner == 'docker' else ''})",
               flush=True)
         if args.runner == "docker":
-            code = _in_container(args, image, command, inputs, outputs, staged, workdir)
+            readable = {**inputs, **{f"source-{i}": path for i, path in enumerate(source_paths)}}
+            code = _in_container(args, image, command, readable, outputs, staged, workdir)
         else:
             with python_on_path():
                 code = subprocess.run(command, check=False).returncode
