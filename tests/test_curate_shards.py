@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from test_curate_dedup import make_copy, scene
-from test_curate_partitions import reduce_backwards, run_curate_dag
+from test_curate_partitions import _png, _tables, reduce_backwards, run_curate_dag
 
 from gramline.config import load_stage_config
 from gramline.curate import pipeline as cp
@@ -24,12 +23,6 @@ from gramline.errors import InputError
 from gramline.stages import curate as stage
 
 SETTINGS = {"ingest.chunk_size": 5, "ingest.workers": 1, "split.eval_fraction": 0.25, "balance.target": 0.8}
-
-
-def _encoded(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -44,9 +37,9 @@ def _shards(root: Path) -> Path:
     one cut off in its middle (its first samples still count)."""
     rng = np.random.default_rng(11)
     originals = [scene(rng, int(rng.integers(90, 140)), int(rng.integers(90, 140))) for _ in range(24)]
-    samples = [(f"o{i:03d}", _encoded(image, "PNG"), "png", f"class{i % 3}") for i, image in enumerate(originals)]
-    samples += [(f"e{n:03d}", _encoded(originals[5 * n + 1], "BMP"), "bmp", "copies") for n in range(3)]
-    samples += [(f"n{n:03d}", _encoded(make_copy(rng, originals[4 * n + 2], "resize"), "JPEG"), "jpg", "copies")
+    samples = [(f"o{i:03d}", _png(image, "PNG"), "png", f"class{i % 3}") for i, image in enumerate(originals)]
+    samples += [(f"e{n:03d}", _png(originals[5 * n + 1], "BMP"), "bmp", "copies") for n in range(3)]
+    samples += [(f"n{n:03d}", _png(make_copy(rng, originals[4 * n + 2], "resize"), "JPEG"), "jpg", "copies")
                 for n in range(4)]
     samples.append(("bad", b"not an image", "png", "broken"))
     order = rng.permutation(len(samples))
@@ -62,7 +55,7 @@ def _shards(root: Path) -> Path:
     (folder / "train-000005.tar").write_bytes(b"this is not a tar archive" * 40)
     with tarfile.open(folder / "full.tar", "w") as tar:
         for i in range(3):
-            _add(tar, f"late{i}.png", _encoded(scene(rng, 96, 96), "PNG"))
+            _add(tar, f"late{i}.png", _png(scene(rng, 96, 96), "PNG"))
     full = (folder / "full.tar").read_bytes()
     (folder / "full.tar").unlink()
     (folder / "train-000006.tar").write_bytes(full[: len(full) * 2 // 3])  # the third sample is cut off
@@ -74,7 +67,7 @@ def _curate(sources: list[str], out: Path, **settings: object) -> dict[str, list
     for key, value in {**SETTINGS, **settings}.items():
         argv += ["--set", f"{key}={value}"]
     assert stage.main(argv) == 0
-    return {name: pq.read_table(out / f"{name}.parquet").to_pylist() for name in ("index", "duplicates", "quarantine")}
+    return _tables(out)
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +145,7 @@ def test_the_kfp_local_dag_fans_out_over_shards_and_matches_one_partition(shards
     run_dir = run_curate_dag(str(shards), {**SETTINGS, "partition.shards": 3}, tmp_path)
     manifests = [json.loads(p.read_text()) for p in run_dir.glob("for-loop-*-iteration-*/curate-partition/part/manifest.json")]
     assert sorted((m["start"], m["stop"]) for m in manifests) == [(0, 3), (3, 6), (6, 7)]
-    dag = {name: pq.read_table(run_dir / "curate" / "dataset" / f"{name}.parquet").to_pylist()
-           for name in ("index", "duplicates", "quarantine")}
+    dag = _tables(run_dir / "curate" / "dataset")
     assert dag == _curate([str(shards)], tmp_path / "one", **{"partition.shards": 100})
 
 
@@ -164,18 +156,17 @@ def test_mixed_sources_reduced_out_of_order_match_one_cut(shards: Path, tmp_path
     folder = tmp_path / "folder"
     folder.mkdir()
     for i in range(9):
-        (folder / f"f{i}.png").write_bytes(_encoded(scene(rng, 90, 90), "PNG"))
+        (folder / f"f{i}.png").write_bytes(_png(scene(rng, 90, 90), "PNG"))
     single = tmp_path / "single.tar"
     with tarfile.open(single, "w") as tar:
         for i in range(6):
-            _add(tar, f"s{i}.png", _encoded(scene(rng, 90, 90), "PNG"))
+            _add(tar, f"s{i}.png", _png(scene(rng, 90, 90), "PNG"))
     sources = [str(folder), str(shards), str(single)]
     overrides = [f"{k}={v}" for k, v in SETTINGS.items()] + ["partition.items=4", "partition.shards=3"]
     plan, roots = reduce_backwards(sources, overrides, tmp_path, tmp_path / "reduced")
     assert [(p.shard_set, p.start, p.stop) for p in plan.partitions] == [
         (-1, 0, 4), (-1, 4, 8), (-1, 8, 9), (1, 0, 3), (1, 3, 6), (1, 6, 7), (-1, 9, 13), (-1, 13, 15)]
-    reduced = {name: pq.read_table(tmp_path / "reduced" / f"{name}.parquet").to_pylist()
-               for name in ("index", "duplicates", "quarantine")}
+    reduced = _tables(tmp_path / "reduced")
     assert reduced == _curate(sources, tmp_path / "whole", **{"partition.items": 1000, "partition.shards": 1000})
 
     cfg = load_stage_config(CurateConfig, "curate", "tiny", None, overrides)
